@@ -1,0 +1,142 @@
+"""The paper's defaults, in one place.
+
+Every number that Ozcelik & VanRullen (2023) fix (NSD layout constants, ridge alphas, VDVAE input
+normalisation, Versatile Diffusion sampling settings) lives here as a frozen dataclass field. Pages, the CLI
+and the library read them from :data:`PAPER`; nothing else hard-codes 0.75 or 37.
+
+Override per call with :func:`dataclasses.replace`, e.g.
+``replace(PAPER.stage2, strength=0.5)``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+__all__ = [
+    "NSDConfig",
+    "StageOneConfig",
+    "StageTwoConfig",
+    "PaperConfig",
+    "PAPER",
+    "FEATURE_NAMES",
+    "cache_root",
+]
+
+#: The three decoded feature spaces, in pipeline order.
+FEATURE_NAMES: tuple[str, ...] = ("vdvae", "clip_text", "clip_vision")
+
+
+def _frozen_map(d: dict) -> Mapping:
+    return MappingProxyType(dict(d))
+
+
+@dataclass(frozen=True)
+class NSDConfig:
+    """Natural Scenes Dataset layout constants (Allen et al. 2022)."""
+
+    subjects: tuple[int, ...] = (1, 2, 5, 7)
+    #: voxels with nsdgeneral label > 0 in func1pt8mm, per subject
+    nsdgeneral_voxels: Mapping[int, int] = field(
+        default_factory=lambda: _frozen_map({1: 15724, 2: 14278, 5: 13039, 7: 12682})
+    )
+    #: betas are stored as int16 scaled by this factor (percent signal change x 300)
+    beta_scale: float = 300.0
+    n_sessions: int = 37
+    trials_per_session: int = 750
+    n_stimuli: int = 73000
+    stimulus_size: int = 425
+    #: trials whose masterordering (1-based) is <= this show one of the shared 1000 images: the test set
+    shared_cutoff: int = 1000
+    captions_per_image: int = 5
+    #: ddof for the train-set voxel standard deviation used to z-score train and test
+    zscore_ddof: int = 1
+
+
+@dataclass(frozen=True)
+class StageOneConfig:
+    """VDVAE (ImageNet-64 checkpoint) settings for stage 1 (low-level layout)."""
+
+    checkpoint_name: str = "imagenet64-iter-1600000-model-ema.th"
+    image_size: int = 64
+    #: input normalisation: (x - pixel_mean) / pixel_std on uint8 pixel values
+    pixel_mean: float = 115.9296
+    pixel_std: float = 69.374
+    #: the first N latent layers are decoded from fMRI; the rest are sampled from the prior
+    n_feature_layers: int = 31
+    #: concatenated length of those layers' latents (2x1x1 + 4x4x4 + 8x8x8 + 16x16x16 + 1x32x32, 16 channels)
+    feature_dim: int = 91168
+    ridge_alpha: float = 50_000.0
+    #: prior temperature for the layers not predicted from fMRI
+    temperature: float = 1.0
+    #: stage-1 image is upscaled (bicubic) to this size before stage 2
+    output_size: int = 512
+
+
+@dataclass(frozen=True)
+class StageTwoConfig:
+    """Versatile Diffusion dual-guided img2img settings for stage 2 (semantics)."""
+
+    clip_model_id: str = "openai/clip-vit-large-patch14"
+    vd_model_id: str = "shi-labs/versatile-diffusion"
+    text_tokens: int = 77
+    vision_tokens: int = 257
+    clip_dim: int = 768
+    ridge_alpha_text: float = 100_000.0
+    ridge_alpha_vision: float = 60_000.0
+    num_inference_steps: int = 50
+    #: img2img strength: int(50 * 0.75) = 37 denoising steps are run
+    strength: float = 0.75
+    guidance_scale: float = 7.5
+    #: dual-guidance mix: h = mix*(attn_vision(h)-h) + (1-mix)*(attn_text(h)-h) + h
+    vision_mix: float = 0.6
+    ddim_eta: float = 0.0
+    image_size: int = 512
+    vae_scaling_factor: float = 0.18215
+    #: unconditional embeddings: CLIP-text of this prompt and CLIP-vision of a uniform grey image of this value
+    unconditional_prompt: str = ""
+    unconditional_grey: int = 128
+
+    @property
+    def text_mix(self) -> float:
+        return 1.0 - self.vision_mix
+
+    @property
+    def denoising_steps(self) -> int:
+        """Number of DDIM steps actually run for img2img (37 with the paper's settings)."""
+        return int(self.num_inference_steps * self.strength)
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    nsd: NSDConfig = field(default_factory=NSDConfig)
+    stage1: StageOneConfig = field(default_factory=StageOneConfig)
+    stage2: StageTwoConfig = field(default_factory=StageTwoConfig)
+
+    def ridge_alpha(self, feature: str) -> float:
+        """The paper's ridge alpha for one of :data:`FEATURE_NAMES`."""
+        alphas = {
+            "vdvae": self.stage1.ridge_alpha,
+            "clip_text": self.stage2.ridge_alpha_text,
+            "clip_vision": self.stage2.ridge_alpha_vision,
+        }
+        if feature not in alphas:
+            raise ValueError(f"'feature' must be one of {sorted(alphas)}; {feature!r} was provided")
+        return alphas[feature]
+
+
+PAPER = PaperConfig()
+
+
+def cache_root() -> Path:
+    """Folder for prepared arrays and the MiniNSD world.
+
+    ``$BRAIN_DIFFUSER_CACHE`` if set, else ``$XDG_CACHE_HOME/brain-diffuser-explorer`` (``~/.cache/...``).
+    """
+    env = os.environ.get("BRAIN_DIFFUSER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "brain-diffuser-explorer"
