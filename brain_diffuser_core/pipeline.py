@@ -1,0 +1,334 @@
+"""BrainDiffuser: an fMRI trial or a synthetic ROI pattern -> stage-1 image -> final reconstruction.
+
+The flow (Ozcelik & VanRullen 2023)::
+
+    fMRI (n, n_voxels) --ridge--> VDVAE latents (n, 91168) --VDVAE decode--> stage 1 (64 px) --bicubic--> 512 px
+                      --ridge--> CLIP-text (n, 77, 768) + CLIP-vision (n, 257, 768)
+    stage 1 (512 px) + CLIP embeddings --Versatile Diffusion img2img (37 DDIM steps, CFG 7.5)--> final (512 px)
+
+Differences from the original scripts, on purpose:
+
+* one device (CPU or one GPU), float16 on CUDA, models loaded once (the original hard-codes two GPUs);
+* predictions of a trial are rescaled with leave-one-out statistics of TRAIN predictions
+  (``rescale="train"``); the original z-scores across the whole test set (``rescale="paper"``, kept for
+  reproducing the table), which leaks test statistics and cannot serve a single trial;
+* every item has its own seed, by default derived from its 73k image id (or pattern name), so a
+  reconstruction reproduces alone whatever batch or loop it ran in.
+
+Synthetic ROI patterns follow the paper: the raw pattern (1 inside the ROI, 0 elsewhere, not z-scored) goes
+through the decoders without rescaling, and each predicted feature vector is re-normalised to the mean
+Euclidean norm of the training features; the subject average is the mean of the subjects' predicted features.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .bundle import Bundle, BundleError, load_bundle
+from .config import FEATURE_NAMES, PAPER, StageOneConfig, StageTwoConfig
+from .seeding import seed_for
+
+__all__ = ["Reconstruction", "GenerativeModels", "BrainDiffuser", "GenerationError", "resolve_device"]
+
+#: progress callback of a reconstruction: callback(stage, step, total, preview) with stage "stage1"/"stage2",
+#: preview a uint8 (n, H, W, 3) image batch or None.
+ProgressCallback = Callable[[str, int, int, "np.ndarray | None"], None]
+
+
+class GenerationError(RuntimeError):
+    """A reconstruction could not run (e.g. CUDA out of memory); the models stay usable."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> the first CUDA GPU if present, else CPU; anything else is passed to :class:`torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"'device' {str(device)!r} was asked for but no CUDA GPU is available; use 'cpu' or 'auto'")
+    return device
+
+
+@dataclass
+class Reconstruction:
+    """One reconstruction and everything that went into it.
+
+    stage1 : uint8 (s, s, 3) VDVAE output at its own resolution (64 px for the paper's model).
+    stage1_upscaled : uint8 (S, S, 3) bicubic upscale fed to stage 2 (S = 512 for Versatile Diffusion).
+    final : uint8 (S, S, 3) after Versatile Diffusion img2img, or None when stage 2 was not run.
+    features : the predicted features: "vdvae" (91168,), "clip_text" (77, 768), "clip_vision" (257, 768).
+    timings : seconds: "features", "stage1", "stage2" (per batch, shared by its items), "total".
+    """
+
+    key: str
+    seed: int
+    stage1: np.ndarray
+    stage1_upscaled: np.ndarray
+    final: np.ndarray | None
+    features: dict[str, np.ndarray]
+    timings: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class GenerativeModels:
+    """VDVAE, CLIP (for the unconditional embeddings) and Versatile Diffusion, loaded once on one device.
+
+    Build with :meth:`from_references` (paths or Hugging Face ids, as stored in a bundle's manifest).
+    ``image_size`` (S) is the stage-2 resolution: UNet sample size x VAE factor (512 for Versatile Diffusion).
+    """
+
+    def __init__(self, vdvae, img2img, uncond_text: np.ndarray, uncond_vision: np.ndarray):
+        self.vdvae = vdvae
+        self.img2img = img2img
+        self.uncond_text = uncond_text
+        self.uncond_vision = uncond_vision
+        unet = img2img.image_unet
+        self.image_size = int(unet.config.sample_size) * int(img2img.vae_scale_factor)
+        self.device = img2img.device
+        self.dtype = img2img.dtype
+        # the dual transformers' mix ratio lives on the shared UNet: one generation at a time per process
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_references(cls, models: Mapping[str, Mapping[str, str]], device: str | torch.device = "auto",
+                        dtype: torch.dtype | None = None) -> "GenerativeModels":
+        """Load from references ``{"vdvae": {"path": ...}, "clip": {...}, "versatile_diffusion": {...}}``.
+
+        ``clip`` may be omitted when the Versatile Diffusion folder holds the CLIP encoders (its layout does).
+        """
+        from .diffusion import DualGuidedImg2Img, load_versatile_diffusion
+        from .features.clip import ClipFeatureExtractor
+        from .features.vdvae import load_vdvae
+
+        for name in ("vdvae", "versatile_diffusion"):
+            if name not in models:
+                raise BundleError(f"the bundle names no {name!r} model; it names {sorted(models)}")
+        device = resolve_device(device)
+
+        def where(name: str) -> str:
+            ref = models[name]
+            return ref.get("path") or ref["hf_id"]
+
+        vdvae = load_vdvae(where("vdvae"), device=device, dtype=torch.float32)
+        components = load_versatile_diffusion(where("versatile_diffusion"), device=device, dtype=dtype)
+        clip = ClipFeatureExtractor.from_pretrained(where("clip" if "clip" in models else "versatile_diffusion"),
+                                                    device=device)
+        return cls(vdvae, DualGuidedImg2Img(components), clip.unconditional_text(), clip.unconditional_vision())
+
+
+class BrainDiffuser:
+    """Decoders of a bundle + generative models: fMRI or ROI pattern -> :class:`Reconstruction`.
+
+    Parameters
+    ----------
+    bundle : a loaded :class:`~brain_diffuser_core.bundle.Bundle` (or a path to one).
+    models : :class:`GenerativeModels`; default: loaded from the bundle's model references.
+    device : "auto", "cpu", "cuda", ...; used when ``models`` is loaded here and for decoder predictions.
+    stage1, stage2 : defaults for every call (the paper's, :data:`~brain_diffuser_core.config.PAPER`).
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, models: GenerativeModels | None = None, *,
+                 device: str | torch.device = "auto", stage1: StageOneConfig = PAPER.stage1,
+                 stage2: StageTwoConfig = PAPER.stage2):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        missing = [f for f in FEATURE_NAMES if f not in self.bundle.features]
+        if missing:
+            raise BundleError(f"bundle {self.bundle.path} has no decoders for {missing}; it has {self.bundle.features}")
+        self.models = models if models is not None else GenerativeModels.from_references(self.bundle.models, device)
+        self.device = self.models.device
+        self.stage1 = stage1
+        self.stage2 = stage2
+
+    # ------------------------------------------------------------------------------------ features
+    def _check_fmri(self, fmri, subject: int, what: str) -> np.ndarray:
+        n_vox = int(self.bundle.subject_info(subject)["n_voxels"])
+        x = np.asarray(fmri, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != n_vox:
+            raise ValueError(f"'{what}' for subject {subject} must have {n_vox} values per row (one per nsdgeneral "
+                             f"voxel); shape {np.shape(fmri)} was provided")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])[:5].tolist()
+            raise ValueError(f"'{what}' contains {int(bad.sum())} NaN/inf values (rows {rows}); "
+                             "replace them (e.g. with 0) before decoding")
+        return x
+
+    def predict_features(self, fmri, subject: int, *, rescale: str = "train") -> dict[str, np.ndarray]:
+        """Decode z-scored trial fMRI (n, n_voxels) -> {feature: float32 (n, *feature_shape)}.
+
+        ``rescale``: "train" (default; leave-one-out train statistics), "paper" (z-score across this batch, as
+        the original; needs the whole test set in one batch), or "none".
+        """
+        x = self._check_fmri(fmri, subject, "fmri")
+        out = {}
+        for name in FEATURE_NAMES:
+            pred = self.bundle.decoder(subject, name).predict(x, rescale=rescale)
+            out[name] = pred.reshape((len(x),) + self.bundle.feature_shape(name))
+        return out
+
+    def pattern_features(self, patterns: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """The paper's ROI-optimal features from synthetic patterns, one per subject (averaged over subjects).
+
+        patterns : subject -> float32 (n_voxels,) or (n, n_voxels) raw pattern (1 inside the ROI, 0 elsewhere;
+            not z-scored). With several subjects the predicted features are averaged (the paper's subject
+            average); every subject must give the same number of patterns.
+        Returns {feature: float32 (n, *feature_shape)}, each item re-normalised to the mean Euclidean norm of
+        the training features of its subject (averaged over subjects).
+        """
+        if not patterns:
+            raise ValueError("'patterns' must map at least one subject to a pattern; {} was provided")
+        per_subject = []
+        for subject, pattern in patterns.items():
+            x = self._check_fmri(pattern, subject, "pattern")
+            feats = {}
+            for name in FEATURE_NAMES:
+                pred = self.bundle.decoder(subject, name).predict(x, rescale="none")
+                norm = self.bundle.train_feature_norm(subject, name)
+                if norm is None:
+                    raise BundleError(f"bundle {self.bundle.path} stores no training-feature norm for subject "
+                                      f"{subject}, {name!r}; refit it with `python -m brain_diffuser_core fit`")
+                length = np.linalg.norm(pred, axis=1, keepdims=True)
+                pred = pred * (norm / np.maximum(length, 1e-12))
+                feats[name] = pred.reshape((len(x),) + self.bundle.feature_shape(name))
+            per_subject.append(feats)
+        counts = {len(f[FEATURE_NAMES[0]]) for f in per_subject}
+        if len(counts) != 1:
+            raise ValueError(f"every subject must give the same number of patterns; found counts {sorted(counts)}")
+        return {name: np.mean([f[name] for f in per_subject], axis=0).astype(np.float32) for name in FEATURE_NAMES}
+
+    # ------------------------------------------------------------------------------------ generation
+    def reconstruct(self, fmri, subject: int, *, image_ids: Sequence[int] | None = None,
+                    seeds: Sequence[int] | None = None, base_seed: int = 0, rescale: str = "train",
+                    run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0,
+                    **overrides) -> list[Reconstruction]:
+        """Reconstruct trials: z-scored fMRI (n, n_voxels) of ``subject`` -> n :class:`Reconstruction`.
+
+        image_ids : the 73k ids shown (for default seeds and keys); default: row numbers.
+        seeds : one per trial; default ``seed_for("trial", image_id, base_seed=base_seed)``, so a trial's
+            result does not depend on what else is in the batch.
+        overrides : any field of :class:`~brain_diffuser_core.config.StageOneConfig` /
+            :class:`~brain_diffuser_core.config.StageTwoConfig` (``strength``, ``guidance_scale``,
+            ``vision_mix``, ``num_inference_steps``, ``temperature``, ...).
+        """
+        t0 = time.perf_counter()
+        features = self.predict_features(fmri, subject, rescale=rescale)
+        n = len(features["vdvae"])
+        ids = list(range(n)) if image_ids is None else [int(i) for i in image_ids]
+        if len(ids) != n:
+            raise ValueError(f"'image_ids' must hold one id per fMRI row ({n}); {len(ids)} were provided")
+        keys = [f"subj{subject:02d}/nsd{i}" for i in ids]
+        if seeds is None:
+            seeds = [seed_for("trial", i, base_seed=base_seed) for i in ids]
+        return self.generate(features, keys=keys, seeds=seeds, run_stage2=run_stage2, callback=callback,
+                             preview_every=preview_every, feature_seconds=time.perf_counter() - t0,
+                             extra_settings={"subject": subject, "rescale": rescale}, **overrides)
+
+    def reconstruct_pattern(self, patterns: Mapping[int, np.ndarray], *, name: str = "pattern",
+                            seeds: Sequence[int] | None = None, n_seeds: int = 1, base_seed: int = 0,
+                            run_stage2: bool = True, callback: ProgressCallback | None = None,
+                            preview_every: int = 0, **overrides) -> list[Reconstruction]:
+        """ROI-optimal scenes: one pattern per subject (averaged over subjects) -> one image per seed.
+
+        seeds : default ``seed_for("pattern", name, k, base_seed=base_seed)`` for k < ``n_seeds``.
+        """
+        t0 = time.perf_counter()
+        single = {}
+        for subject, pattern in patterns.items():
+            p = np.asarray(pattern, dtype=np.float32)
+            if p.ndim != 1:
+                raise ValueError(f"pattern for subject {subject} must be one vector (n_voxels,); shape {p.shape}")
+            single[subject] = p
+        feats = self.pattern_features(single)
+        if seeds is None:
+            seeds = [seed_for("pattern", name, k, base_seed=base_seed) for k in range(n_seeds)]
+        seeds = [int(s) for s in seeds]
+        features = {k: np.repeat(v, len(seeds), axis=0) for k, v in feats.items()}
+        keys = [f"{name}/seed{s}" for s in seeds]
+        subjects = sorted(int(s) for s in patterns)
+        return self.generate(features, keys=keys, seeds=seeds, run_stage2=run_stage2, callback=callback,
+                             preview_every=preview_every, feature_seconds=time.perf_counter() - t0,
+                             extra_settings={"subjects": subjects, "pattern": name}, **overrides)
+
+    def _configs(self, overrides: Mapping[str, Any]) -> tuple[StageOneConfig, StageTwoConfig]:
+        s1_fields = set(StageOneConfig.__dataclass_fields__)
+        s2_fields = set(StageTwoConfig.__dataclass_fields__)
+        unknown = set(overrides) - s1_fields - s2_fields
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}; allowed: {sorted(s1_fields | s2_fields)}")
+        s1 = replace(self.stage1, **{k: v for k, v in overrides.items() if k in s1_fields})
+        s2 = replace(self.stage2, **{k: v for k, v in overrides.items() if k in s2_fields})
+        return s1, s2
+
+    def generate(self, features: Mapping[str, np.ndarray], *, keys: Sequence[str], seeds: Sequence[int],
+                 run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0,
+                 feature_seconds: float = 0.0, extra_settings: Mapping[str, Any] | None = None,
+                 **overrides) -> list[Reconstruction]:
+        """Both stages from predicted features ({name: (n, *shape)}); one :class:`Reconstruction` per row."""
+        s1, s2 = self._configs(overrides)
+        n = len(features["vdvae"])
+        if len(seeds) != n or len(keys) != n:
+            raise ValueError(f"'seeds' and 'keys' must hold one entry per item ({n}); got {len(seeds)} and {len(keys)}")
+        seeds = [int(s) for s in seeds]
+        models = self.models
+        try:
+            with models.lock:
+                # 1. Stage 1: VDVAE with the predicted first layers, the others from the prior
+                t1 = time.perf_counter()
+                stage1 = models.vdvae.decode(torch.as_tensor(features["vdvae"].reshape(n, -1)),
+                                             temperature=s1.temperature, seed=seeds)
+                upscaled = upscale_bicubic(stage1, models.image_size)
+                t_stage1 = time.perf_counter() - t1
+                if callback is not None:
+                    callback("stage1", 1, 1, upscaled)
+                # 2. Stage 2: Versatile Diffusion img2img from the stage-1 image
+                t2 = time.perf_counter()
+                final = None
+                if run_stage2:
+                    step_cb = None
+                    if callback is not None:
+                        def step_cb(step, total, _latents, preview):
+                            callback("stage2", step, total, preview)
+                    final = models.img2img(
+                        upscaled, features["clip_text"], features["clip_vision"], seeds=seeds,
+                        strength=s2.strength, num_inference_steps=s2.num_inference_steps,
+                        guidance_scale=s2.guidance_scale, vision_mix=s2.vision_mix, eta=s2.ddim_eta,
+                        uncond_text=models.uncond_text, uncond_vision=models.uncond_vision,
+                        callback=step_cb, preview_every=preview_every)
+                t_stage2 = time.perf_counter() - t2
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise GenerationError(
+                f"CUDA out of memory while reconstructing {n} item(s) on {self.device}: {str(err).splitlines()[0]}. "
+                "Reconstruct fewer items at once (batch 1 needs about 10 GB in float16), close other GPU jobs, "
+                "or use device 'cpu'. The models are still loaded and usable."
+            ) from None
+        timings = {"features": feature_seconds, "stage1": t_stage1, "stage2": t_stage2,
+                   "total": feature_seconds + t_stage1 + t_stage2}
+        settings = {"temperature": s1.temperature, "strength": s2.strength, "guidance_scale": s2.guidance_scale,
+                    "vision_mix": s2.vision_mix, "num_inference_steps": s2.num_inference_steps,
+                    "denoising_steps": s2.denoising_steps, **(extra_settings or {})}
+        return [
+            Reconstruction(key=keys[i], seed=seeds[i], stage1=stage1[i], stage1_upscaled=upscaled[i],
+                           final=None if final is None else final[i],
+                           features={k: np.asarray(v[i]) for k, v in features.items()},
+                           timings=dict(timings), settings=dict(settings))
+            for i in range(n)
+        ]
+
+
+def upscale_bicubic(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (n, s, s, 3) -> uint8 (n, size, size, 3), bicubic (PIL), as the paper upscales VDVAE's 64 px."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.shape[1:3] == (size, size):
+        return images.copy()
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])

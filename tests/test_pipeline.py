@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+
+from brain_diffuser_core.bundle import BundleError
+from brain_diffuser_core.config import PAPER
+from brain_diffuser_core.pipeline import BrainDiffuser, upscale_bicubic
+from brain_diffuser_core.seeding import seed_for
+from brain_diffuser_core.tiny_bundle import make_tiny_bundle
+from brain_diffuser_core.tiny_models import TINY_IMAGE_SIZE
+
+FAST = dict(num_inference_steps=4)  # strength 0.75 -> 3 denoising steps: enough to test the plumbing
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    path = make_tiny_bundle(root / "bundle", subjects=(1, 2))
+    return BrainDiffuser(path, device="cpu")
+
+
+def test_trial_reconstruction_shapes_and_timings(tiny, rng):
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    fmri = rng.standard_normal((2, n_vox)).astype(np.float32)
+    recs = tiny.reconstruct(fmri, 1, image_ids=[10, 20], **FAST)
+    assert len(recs) == 2
+    r = recs[0]
+    s = tiny.models.vdvae.config.image_size
+    assert r.stage1.shape == (s, s, 3) and r.stage1.dtype == np.uint8
+    assert r.stage1_upscaled.shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+    assert r.final.shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3) and r.final.dtype == np.uint8
+    assert r.features["clip_text"].shape == tiny.bundle.feature_shape("clip_text")
+    assert r.seed == seed_for("trial", 10)
+    assert set(r.timings) == {"features", "stage1", "stage2", "total"}
+    assert r.settings["denoising_steps"] == int(4 * PAPER.stage2.strength)
+
+
+def test_a_trial_reproduces_alone_whatever_the_batch(tiny, rng):
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    fmri = rng.standard_normal((3, n_vox)).astype(np.float32)
+    batch = tiny.reconstruct(fmri, 1, image_ids=[5, 6, 7], **FAST)
+    alone = tiny.reconstruct(fmri[2:], 1, image_ids=[7], **FAST)[0]
+    np.testing.assert_array_equal(batch[2].stage1, alone.stage1)
+    np.testing.assert_allclose(batch[2].final.astype(int), alone.final.astype(int), atol=1)
+    other_seed = tiny.reconstruct(fmri[2:], 1, image_ids=[7], base_seed=1, **FAST)[0]
+    assert not np.array_equal(other_seed.stage1, alone.stage1)
+
+
+def test_settings_reach_stage2(tiny, rng):
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    fmri = rng.standard_normal((1, n_vox)).astype(np.float32)
+    steps = []
+    tiny.reconstruct(fmri, 1, callback=lambda stage, i, total, _p: steps.append((stage, total)),
+                     num_inference_steps=10, strength=0.5)
+    assert ("stage1", 1) in steps
+    assert [t for s, t in steps if s == "stage2"] == [5] * 5
+    a = tiny.reconstruct(fmri, 1, guidance_scale=1.0, **FAST)[0].final
+    b = tiny.reconstruct(fmri, 1, guidance_scale=7.5, **FAST)[0].final
+    assert not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="unknown setting"):
+        tiny.reconstruct(fmri, 1, strenght=0.5)
+
+
+def test_stage1_only(tiny, rng):
+    n_vox = tiny.bundle.subject_info(2)["n_voxels"]
+    recs = tiny.reconstruct(rng.standard_normal((1, n_vox)), 2, run_stage2=False)
+    assert recs[0].final is None and recs[0].timings["stage2"] < 0.5
+
+
+def test_pattern_features_are_renormalised_and_averaged(tiny):
+    patterns = {s: np.zeros(tiny.bundle.subject_info(s)["n_voxels"], np.float32) for s in (1, 2)}
+    for s in patterns:
+        patterns[s][:10] = 1.0
+    single = tiny.pattern_features({1: patterns[1]})
+    for name, feat in single.items():
+        norm = tiny.bundle.train_feature_norm(1, name)
+        assert np.linalg.norm(feat.reshape(1, -1), axis=1)[0] == pytest.approx(norm, rel=1e-4)
+    both = tiny.pattern_features(patterns)
+    other = tiny.pattern_features({2: patterns[2]})
+    np.testing.assert_allclose(both["clip_text"], (single["clip_text"] + other["clip_text"]) / 2, rtol=1e-5, atol=1e-6)
+    recs = tiny.reconstruct_pattern(patterns, name="V1", n_seeds=2, **FAST)
+    assert len(recs) == 2 and recs[0].seed != recs[1].seed
+    assert recs[0].seed == seed_for("pattern", "V1", 0)
+
+
+def test_bad_patterns_are_named(tiny):
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    with pytest.raises(ValueError, match=f"{n_vox} values per row"):
+        tiny.reconstruct_pattern({1: np.ones(n_vox + 3)})
+    bad = np.ones(n_vox)
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf"):
+        tiny.reconstruct_pattern({1: bad})
+    with pytest.raises(BundleError, match="'subject' must be one of"):
+        tiny.reconstruct_pattern({5: np.ones(n_vox)})
+
+
+def test_upscale_bicubic():
+    img = np.zeros((1, 8, 8, 3), np.uint8)
+    img[0, :4] = 255
+    up = upscale_bicubic(img, 32)
+    assert up.shape == (1, 32, 32, 3)
+    assert up[0, 0, 0, 0] == 255 and up[0, -1, 0, 0] == 0
