@@ -8,3 +8,12 @@ torch.set_num_threads(2)
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def nsd_tree(tmp_path_factory):
+    """A small NSD-format tree (subject 1, 3 sessions of 750 trials, (6, 7, 5) volume, NIfTI betas,
+    sparse imgBrick, COCO captions); see tests/nsd_fixtures.py. Use ``.root`` and ``.subject``."""
+    from nsd_fixtures import make_nsd_tree
+
+    return make_nsd_tree(tmp_path_factory.mktemp("nsd"), subject=1, n_sessions=3)
