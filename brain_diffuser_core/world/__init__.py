@@ -1,0 +1,10 @@
+"""MiniNSD: a small simulated Natural Scenes Dataset (procedural scenes + simulated observers).
+
+``scenes`` draws captioned scenes with a scene graph; ``observer`` simulates subjects 1, 2, 5 and 7 on a
+posterior patch of fsaverage5 with NSD-style ROIs and known tuning. Import the submodules directly
+(``from brain_diffuser_core.world.observer import Observer``); nilearn is only loaded when an observer is built.
+"""
+from .scenes import CATEGORIES, Scene, SceneObject, category_labels, generate_scene, generate_scenes, stack_images
+
+__all__ = ["CATEGORIES", "Scene", "SceneObject", "category_labels", "generate_scene", "generate_scenes",
+           "stack_images"]
