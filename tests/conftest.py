@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# one thread: CI and dev machines have 2 cores, and oversubscribed OpenMP threads slow tests 5x
+torch.set_num_threads(1)
 
 
 @pytest.fixture
