@@ -299,7 +299,11 @@ class Subject:
         return i
 
     def image(self, image_id: int) -> np.ndarray:
-        """The stimulus ``image_id`` (0-based 73k id) as uint8 (425, 425, 3), read alone from the HDF5."""
+        """The stimulus ``image_id`` (0-based 73k id) as uint8 (S, S, 3), read alone from the HDF5.
+
+        ``imgBrick`` may hold square images of any side S: NSD's is (73000, 425, 425, 3); the MiniNSD world
+        stores its 64 px scenes as they are, (73000, 64, 64, 3). Callers that need a fixed size resize.
+        """
         import h5py
 
         i = self._check_image_id(image_id)
@@ -307,12 +311,15 @@ class Subject:
         try:
             with h5py.File(path, "r") as f:
                 dset = f["imgBrick"]
-                size = PAPER.nsd.stimulus_size
-                if dset.ndim != 4 or dset.shape[1:] != (size, size, 3) or dset.shape[0] <= i:
+                shape = dset.shape
+                if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[0] <= i:
+                    size = PAPER.nsd.stimulus_size
                     raise NSDFormatError(
-                        f"{path}: 'imgBrick' must have shape ({PAPER.nsd.n_stimuli}, {size}, {size}, 3); "
-                        f"found {dset.shape}"
+                        f"{path}: 'imgBrick' must have shape (n_images > {i}, S, S, 3) with square images "
+                        f"(NSD: ({PAPER.nsd.n_stimuli}, {size}, {size}, 3)); found {shape}"
                     )
+                if dset.dtype != np.uint8:
+                    raise NSDFormatError(f"{path}: 'imgBrick' must hold uint8 pixels; found {dset.dtype}")
                 return np.asarray(dset[i], dtype=np.uint8)
         except (OSError, KeyError) as err:
             raise NSDFormatError(f"{path}: could not read image {i} from dataset 'imgBrick' ({err})") from err

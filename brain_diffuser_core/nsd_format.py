@@ -14,7 +14,7 @@ file                             layout
                                  (750, 83, 104, 81) for subject 1's (81, 104, 83) volume)
 ``roi/<name>.nii.gz``            NIfTI-1 int16 label volume (X, Y, Z): -1 outside the brain, 0 no label,
                                  1..n labels (see :mod:`brain_diffuser_core.rois`)
-``nsd_stimuli.hdf5``             dataset ``imgBrick``, uint8, shape (73000, 425, 425, 3)
+``nsd_stimuli.hdf5``             dataset ``imgBrick``, uint8, shape (73000, 425, 425, 3) (MiniNSD: 64 px)
 ``nsd_stim_info_merged.csv``     one row per 73k image (row order = 0-based 73k id); columns include
                                  ``cocoId``, ``cocoSplit`` (``train2017``/``val2017``) and ``nsdId``
 ``captions_<split>.json``        COCO annotations: ``{"annotations": [{"image_id", "id", "caption"}, ...]}``
@@ -58,6 +58,8 @@ BETAS_TYPE = "betas_fithrf_GLMdenoise_RR"
 CAPTIONS_NPY_NAME = "COCO_73k_annots_curated.npy"
 #: the two COCO 2017 annotation splits NSD images come from
 COCO_SPLITS: tuple[str, ...] = ("train2017", "val2017")
+#: descriptive text of MATLAB v5 headers (116 bytes; MATLAB ignores it): no creation time, so writes are reproducible
+_MAT_HEADER_TEXT = b"MATLAB 5.0 MAT-file, written by brain_diffuser_core".ljust(116, b" ")
 #: gzip level for NIfTI writers (nibabel's default is also 1: fast, files stay compact)
 _GZIP_LEVEL = 1
 
@@ -221,6 +223,9 @@ def write_expdesign(path, masterordering, subjectim, sharedix) -> Path:
                 },
                 do_compression=True,
             )
+        # scipy stamps the 116-byte text header with the time: fix it so equal inputs give equal bytes
+        with open(tmp, "r+b") as f:
+            f.write(_MAT_HEADER_TEXT)
     return path
 
 
@@ -302,15 +307,20 @@ def write_label_volume(path, labels, affine) -> Path:
     return _write_nifti_gz(Path(path), labels, affine, np.int16)
 
 
-def write_stimuli_hdf5(path, images: Mapping[int, np.ndarray], n_stimuli: int = PAPER.nsd.n_stimuli) -> Path:
-    """Write ``nsd_stimuli.hdf5``: dataset ``imgBrick`` (n_stimuli, 425, 425, 3) uint8.
+def write_stimuli_hdf5(
+    path, images: Mapping[int, np.ndarray], n_stimuli: int = PAPER.nsd.n_stimuli, image_size: int | None = None
+) -> Path:
+    """Write ``nsd_stimuli.hdf5``: dataset ``imgBrick`` (n_stimuli, S, S, 3) uint8.
 
     One image per chunk and no fill allocation, so images that are not given cost no disk and read back as
-    zeros. ``images`` maps 0-based 73k ids to uint8 (425, 425, 3) arrays.
+    zeros. ``images`` maps 0-based 73k ids to uint8 (S, S, 3) arrays. ``image_size`` S defaults to NSD's
+    425 px (``PAPER.nsd.stimulus_size``); the MiniNSD world writes its 64 px scenes unscaled.
     """
     import h5py
 
-    size = PAPER.nsd.stimulus_size
+    size = int(PAPER.nsd.stimulus_size if image_size is None else image_size)
+    if size < 1:
+        raise ValueError(f"'image_size' must be a positive number of pixels; {image_size!r} was provided")
     shape = (int(n_stimuli), size, size, 3)
     for image_id, img in images.items():
         if not 0 <= int(image_id) < n_stimuli:

@@ -83,6 +83,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..config import PAPER
+from ..rois import ROI_CATALOGUE
 from ..seeding import seed_for
 from .scenes import FIELD_DEG, IMAGE_SIZE, Scene, generate_scenes, stack_images
 
@@ -98,16 +99,22 @@ __all__ = [
     "scene_features",
 ]
 
-#: NSD ROI files and their label tables (value -> name); 0 = not in an ROI.
-ROI_TABLES: dict[str, dict[int, str]] = {
-    "prf-visualrois": {1: "V1v", 2: "V1d", 3: "V2v", 4: "V2d", 5: "V3v", 6: "V3d", 7: "hV4"},
-    "prf-eccrois": {1: "ecc0pt5", 2: "ecc1", 3: "ecc2", 4: "ecc4", 5: "ecc4+"},
-    "floc-faces": {1: "OFA", 2: "FFA-1", 3: "FFA-2", 4: "mTL-faces", 5: "aTL-faces"},
-    "floc-bodies": {1: "EBA", 2: "FBA-1", 3: "FBA-2", 4: "mTL-bodies"},
-    "floc-places": {1: "OPA", 2: "PPA", 3: "RSC"},
-    "floc-words": {1: "OWFA", 2: "VWFA-1", 3: "VWFA-2", 4: "mfs-words", 5: "mTL-words"},
-    "nsdgeneral": {1: "nsdgeneral"},
-}
+
+def _nsd_label_tables() -> dict[str, dict[int, str]]:
+    """NSD ROI files and their label tables, derived from the one source: :data:`rois.ROI_CATALOGUE`."""
+    tables: dict[str, dict[int, str]] = {}
+    for spec in ROI_CATALOGUE.values():
+        if spec.labels is not None and len(spec.labels) == 1 and spec.group in ("fine", "eccentricity"):
+            tables.setdefault(spec.file, {})[int(spec.labels[0])] = spec.name
+    order = ("prf-visualrois", "prf-eccrois", "floc-faces", "floc-bodies", "floc-places", "floc-words")
+    out = {f: dict(sorted(tables[f].items())) for f in order}
+    out["nsdgeneral"] = {1: "nsdgeneral"}
+    return out
+
+
+#: NSD ROI files and their label tables (value -> name); 0 = not in an ROI. Built from
+#: :data:`brain_diffuser_core.rois.ROI_CATALOGUE` (single-label entries), plus ``nsdgeneral``.
+ROI_TABLES: dict[str, dict[int, str]] = _nsd_label_tables()
 ROI_FILES: tuple[str, ...] = tuple(ROI_TABLES)
 #: Feature channels of :func:`scene_features`, in order.
 CHANNELS: tuple[str, ...] = ("contrast_fine", "contrast_mid", "contrast_coarse", "saturation",

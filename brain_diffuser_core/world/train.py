@@ -1,0 +1,537 @@
+"""Train the demo models of the MiniNSD world: small models of the real architectures, on TRAIN images only.
+
+``python -m brain_diffuser_core world train --out assets/demo/models [--minutes M] [--steps clip=N,...]``
+(:func:`train_demo_models`) runs four stages, each resumable from its checkpoint under ``--work``:
+
+``clip``
+    transformers ``CLIPModel`` at the tiny Versatile Diffusion config (:func:`~brain_diffuser_core.tiny_models.
+    vd_configs` ``("tiny")``: 77 text tokens, 257 vision tokens at 32 px, projection 32), CLIP's contrastive
+    loss on (scene image, one of its five captions) pairs. Its towers become the VD folder's ``text_encoder``
+    and ``image_encoder``.
+``vdvae``
+    :class:`~brain_diffuser_core.features.vdvae.VDVAE` at ``VDVAEConfig.tiny(64)`` (the world's 64 px), the
+    ELBO of its ``forward()`` (nats per sub-pixel), gradient clipping as the original.
+``vae``
+    the tiny ``AutoencoderKL`` (32 px <-> 4 x 8 x 8) as a near-identity autoencoder: MSE + a small KL; its
+    ``scaling_factor`` is then set to 1 / std of the latents (the role 0.18215 plays for the real VAE).
+``unet``
+    the image ``UNet2DConditionModel`` paired with the text ``UNetFlatConditionModel``'s transformer blocks
+    through the project's dual attention (:func:`~brain_diffuser_core.diffusion.convert_to_dual_attention`),
+    conditioned as at inference on the trained CLIP's VD-normalised text 77 (averaged over captions) + vision
+    257 tokens, vision mix ``PAPER.stage2.vision_mix``; 10% of items get the unconditional pair ("" and a grey
+    image) for classifier-free guidance; epsilon prediction on the DDIM schedule of the VD config.
+
+Outputs (the layouts the normal loaders read): ``<out>/vdvae.safetensors`` + ``vdvae.json``
+(:func:`~brain_diffuser_core.features.vdvae.load_vdvae`), ``<out>/versatile-diffusion/`` (every VD subfolder,
+:func:`~brain_diffuser_core.diffusion.load_versatile_diffusion`, ``ClipFeatureExtractor.from_pretrained``) and
+``<out>/training.json`` (steps, final losses, seconds per stage). About 3 MB of weights in all.
+
+Expected time on 2 CPU cores (``torch.set_num_threads(2)``), default steps (:data:`DEFAULT_STEPS`): clip about
+0.15 s a step, vdvae about 0.25 s, vae about 0.05 s, unet about 0.3 s: roughly 60-80 minutes in all; a GPU
+does it in minutes. ``--minutes M`` caps the whole run (each stage gets a share, :data:`TIME_SHARE`) and a
+rerun resumes from the checkpoints (``--work``, default ``<cache>/demo-training``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import PAPER, cache_root
+from ..io import atomic_dir, atomic_path, atomic_write_json
+from ..seeding import seed_for
+
+__all__ = [
+    "STAGES",
+    "DEFAULT_STEPS",
+    "TIME_SHARE",
+    "load_train_data",
+    "train_clip",
+    "train_vdvae",
+    "train_vae",
+    "train_unet",
+    "train_demo_models",
+    "parse_steps",
+    "add_train_arguments",
+    "run_train",
+]
+
+STAGES: tuple[str, ...] = ("clip", "vdvae", "vae", "unet")
+DEFAULT_STEPS: dict[str, int] = {"clip": 3000, "vdvae": 6000, "vae": 1500, "unet": 8000}
+#: share of ``minutes`` each stage may use
+TIME_SHARE: dict[str, float] = {"clip": 0.15, "vdvae": 0.3, "vae": 0.05, "unet": 0.5}
+BATCH: dict[str, int] = {"clip": 64, "vdvae": 16, "vae": 32, "unet": 32}
+LR: dict[str, float] = {"clip": 5e-4, "vdvae": 3e-4, "vae": 1e-3, "unet": 5e-4}
+#: fraction of items trained with the unconditional condition (classifier-free guidance)
+COND_DROP = 0.1
+_VAE_KL_WEIGHT = 1e-4
+_VDVAE_GRAD_CLIP = 200.0
+_GRAD_CLIP = 1.0
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_train_data(world_root: str | Path) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+    """The world's TRAIN images and captions (never the test images).
+
+    Returns
+    -------
+    images : uint8 (n_train, 64, 64, 3)
+    captions : list of n_train lists of str (non-empty captions)
+    image_ids : int64 (n_train,) 0-based 73k ids
+    """
+    import h5py
+
+    from ..nsd_format import CAPTIONS_NPY_NAME, NSDPaths
+    from .build import read_world_info
+
+    info = read_world_info(world_root)
+    ids = np.asarray(info.train_image_ids, np.int64)
+    paths = NSDPaths(Path(world_root), int(info.params["subjects"][0]))
+    with h5py.File(paths.stimuli, "r") as f:
+        images = np.asarray(f["imgBrick"][int(ids.min()):int(ids.max()) + 1], np.uint8)[ids - ids.min()]
+    caps = np.load(paths.annotations_dir / CAPTIONS_NPY_NAME, allow_pickle=False)
+    captions = [[str(c).strip() for c in caps[i] if str(c).strip()] or [""] for i in ids]
+    return images, captions, ids
+
+
+def _resize(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float (n, 3, size, size) in [-1, 1] (antialiased bilinear)."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (n, 3, H, W) in [-1, 1] -> uint8 (n, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# ------------------------------------------------------------------------------------------ the loop
+class _Loop:
+    """Resumable optimisation loop: checkpoint ``<work>/<name>.pt`` (weights-only torch file)."""
+
+    def __init__(self, name: str, module: torch.nn.Module, work: Path, lr: float, checkpoint_every: int):
+        self.name, self.module, self.work = name, module, Path(work)
+        self.opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        self.step, self.losses = 0, []
+        self.checkpoint_every = int(checkpoint_every)
+        self.path = self.work / f"{name}.pt"
+        if self.path.is_file():
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            module.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optim"])
+            self.step, self.losses = int(state["step"]), list(state["losses"])
+
+    def save(self) -> None:
+        state = {"model": self.module.state_dict(), "optim": self.opt.state_dict(), "step": self.step,
+                 "losses": self.losses}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def run(self, loss_fn: Callable[[int], torch.Tensor], steps: int, deadline: float | None, progress: bool,
+            clip: float = _GRAD_CLIP) -> list[float]:
+        """Run until ``steps`` total steps or ``deadline`` (time.monotonic); returns this run's losses."""
+        from tqdm.auto import tqdm
+
+        self.module.train()
+        new: list[float] = []
+        bar = tqdm(total=steps, initial=min(self.step, steps), desc=f"train {self.name}", unit="step",
+                   disable=not progress)
+        try:
+            while self.step < steps and (deadline is None or time.monotonic() < deadline):
+                loss = loss_fn(self.step)
+                self.opt.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):  # skip a diverged batch, as the original VDVAE does
+                    self.step += 1
+                    continue
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+                self.opt.step()
+                self.step += 1
+                value = float(loss.detach())
+                new.append(value)
+                self.losses.append(value)
+                bar.update(1)
+                if self.step % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            self.save()
+            self.module.eval()
+        return new
+
+
+def _deadline(minutes: float | None) -> float | None:
+    return None if minutes is None else time.monotonic() + 60.0 * float(minutes)
+
+
+
+# ------------------------------------------------------------------------------------------------ CLIP
+def _clip_model(seed: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    from ..tiny_models import vd_configs
+
+    cfgs = vd_configs("tiny")
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=cfgs["text_encoder"], vision_config=cfgs["image_encoder"],
+                        projection_dim=cfgs["text_encoder"]["projection_dim"])
+    return CLIPModel(config)
+
+
+def train_clip(images: np.ndarray, captions: Sequence[Sequence[str]], tokenizer, processor, work: str | Path, *,
+               steps: int = DEFAULT_STEPS["clip"], minutes: float | None = None, batch_size: int = BATCH["clip"],
+               lr: float = LR["clip"], seed: int = 0, checkpoint_every: int = 200, progress: bool = True):
+    """Contrastive training of a tiny ``CLIPModel`` on (image, random caption of it) pairs.
+
+    images : uint8 (n, H, W, 3) train images; captions : n lists of captions; tokenizer / processor: the
+    CLIP tokenizer and image processor written into the VD folder. Returns ``(model, losses)``.
+    """
+    model = _clip_model(seed)
+    pixels = processor(images=list(images), return_tensors="pt").pixel_values  # (n, 3, 32, 32), once
+    loop = _Loop("clip", model, Path(work), lr, checkpoint_every)
+    n = len(images)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed_for("train-clip", step, base_seed=seed))
+        idx = rng.choice(n, size=min(batch_size, n), replace=False)
+        texts = [captions[i][int(rng.integers(len(captions[i])))] for i in idx]
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = model(input_ids=ids, pixel_values=pixels[idx], return_loss=True)
+        return out.loss
+
+    losses = loop.run(loss_fn, steps, _deadline(minutes), progress)
+    return model.eval(), losses
+
+
+def _towers_from(model, seed: int):
+    """CLIPTextModelWithProjection / CLIPVisionModelWithProjection holding ``model``'s trained weights."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ..tiny_models import vd_configs
+
+    cfgs = vd_configs("tiny")
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**cfgs["text_encoder"]))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfgs["image_encoder"]))
+    text.text_model.load_state_dict(model.text_model.state_dict())
+    text.text_projection.load_state_dict(model.text_projection.state_dict())
+    vision.vision_model.load_state_dict(model.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    return text.eval(), vision.eval()
+
+
+# ----------------------------------------------------------------------------------------------- VDVAE
+def train_vdvae(images: np.ndarray, work: str | Path, *, steps: int = DEFAULT_STEPS["vdvae"],
+                minutes: float | None = None, batch_size: int = BATCH["vdvae"], lr: float = LR["vdvae"],
+                seed: int = 0, checkpoint_every: int = 200, progress: bool = True):
+    """ELBO training of ``VDVAE(VDVAEConfig.tiny(S))`` with S the images' side (32 or 64).
+
+    Returns ``(model, losses)``; losses are the ELBO in nats per sub-pixel.
+    """
+    from ..features.vdvae import VDVAE, VDVAEConfig
+
+    torch.manual_seed(seed)
+    model = VDVAE(VDVAEConfig.tiny(int(images.shape[1])))
+    data = torch.as_tensor(images)
+    loop = _Loop("vdvae", model, Path(work), lr, checkpoint_every)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed_for("train-vdvae", step, base_seed=seed))
+        idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
+        gen = torch.Generator().manual_seed(seed_for("train-vdvae-noise", step, base_seed=seed))
+        return model(data[idx], generator=gen)["elbo"]
+
+    losses = loop.run(loss_fn, steps, _deadline(minutes), progress, clip=_VDVAE_GRAD_CLIP)
+    return model.eval(), losses
+
+
+# ------------------------------------------------------------------------------------------------- VAE
+def train_vae(images: np.ndarray, vae, work: str | Path, *, steps: int = DEFAULT_STEPS["vae"],
+              minutes: float | None = None, batch_size: int = BATCH["vae"], lr: float = LR["vae"], seed: int = 0,
+              checkpoint_every: int = 200, progress: bool = True):
+    """Train the tiny ``AutoencoderKL`` ``vae`` as a near-identity autoencoder at its ``sample_size``.
+
+    Loss: MSE of the reconstruction of a posterior sample + ``1e-4`` x KL. Afterwards its config's
+    ``scaling_factor`` is set to 1 / std of the latent means of the train images. Returns ``(vae, losses)``.
+    """
+    size = int(vae.config.sample_size)
+    data = _resize(images, size)
+    loop = _Loop("vae", vae, Path(work), lr, checkpoint_every)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed_for("train-vae", step, base_seed=seed))
+        idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
+        x = data[idx]
+        post = vae.encode(x).latent_dist
+        gen = torch.Generator().manual_seed(seed_for("train-vae-noise", step, base_seed=seed))
+        rec = vae.decode(post.sample(generator=gen)).sample
+        return F.mse_loss(rec, x) + _VAE_KL_WEIGHT * post.kl().mean() / x[0].numel()
+
+    losses = loop.run(loss_fn, steps, _deadline(minutes), progress)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(data[s:s + 256]).latent_dist.mean for s in range(0, len(data), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / means.std().clamp_min(1e-6)))
+    return vae.eval(), losses
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+def _unconvert(image_unet) -> None:
+    """Put back the image UNet's own transformers where dual blocks were (for state dicts and saving)."""
+    from diffusers.models import DualTransformer2DModel
+
+    for name, module in list(image_unet.named_modules()):
+        if isinstance(module, DualTransformer2DModel):
+            parent_name, index = name.rsplit(".", 1)
+            image_unet.get_submodule(parent_name)[int(index)] = module.transformers[0]
+
+
+class _DualUNet(torch.nn.Module):
+    """The image UNet and the text UNet as one module, state dict in their own (unconverted) layouts."""
+
+    def __init__(self, image_unet, text_unet):
+        super().__init__()
+        self.image_unet, self.text_unet = image_unet, text_unet
+
+    def dual(self) -> None:
+        from ..diffusion import convert_to_dual_attention, set_dual_guidance
+
+        convert_to_dual_attention(self.image_unet, self.text_unet)
+        set_dual_guidance(self.image_unet, PAPER.stage2.vision_mix)
+
+    def state_dict(self, *args, **kwargs):
+        _unconvert(self.image_unet)
+        try:
+            return super().state_dict(*args, **kwargs)
+        finally:
+            self.dual()
+
+    def load_state_dict(self, state, *args, **kwargs):
+        _unconvert(self.image_unet)
+        try:
+            return super().load_state_dict(state, *args, **kwargs)
+        finally:
+            self.dual()
+
+    def forward(self, latents, t, condition):
+        return self.image_unet(latents, t, encoder_hidden_states=condition).sample
+
+
+def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, text: np.ndarray, vision: np.ndarray,
+               uncond_text: np.ndarray, uncond_vision: np.ndarray, image_unet, text_unet, scheduler,
+               work: str | Path, *, steps: int = DEFAULT_STEPS["unet"], minutes: float | None = None,
+               batch_size: int = BATCH["unet"], lr: float = LR["unet"], seed: int = 0, checkpoint_every: int = 200,
+               progress: bool = True):
+    """Train the dual-guided image UNet (plus the text UNet's transformer blocks) to predict noise.
+
+    latent_mean, latent_std : (n, 4, h, w) scaled VAE posterior of the train images (already x scaling factor).
+    text, vision : (n, 77, D), (n, 257, D) VD-normalised CLIP conditions of the same images.
+    uncond_text, uncond_vision : (77, D), (257, D) unconditional embeddings (used for ``COND_DROP`` of items).
+    scheduler : the VD DDIM scheduler (its ``alphas_cumprod`` define the forward process).
+    Returns ``(image_unet, text_unet, losses)`` with the image UNet in its plain (unconverted) layout.
+    """
+    net = _DualUNet(image_unet, text_unet)
+    # the text UNet's own resnets never run in dual guidance: train only its transformer blocks
+    for name, p in text_unet.named_parameters():
+        p.requires_grad_(".attentions." in name)
+    net.dual()
+    loop = _Loop("unet", net, Path(work), lr, checkpoint_every)
+    acp = scheduler.alphas_cumprod.float()
+    n_t = int(scheduler.config.num_train_timesteps)
+    text_t, vision_t = torch.as_tensor(text).float(), torch.as_tensor(vision).float()
+    ut, uv = torch.as_tensor(uncond_text).float(), torch.as_tensor(uncond_vision).float()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed_for("train-unet", step, base_seed=seed))
+        idx = torch.randperm(len(latent_mean), generator=g)[:batch_size]
+        x0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)
+        t = torch.randint(0, n_t, (len(idx),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        drop = (torch.rand(len(idx), generator=g) < COND_DROP).view(-1, 1, 1)
+        tx = torch.where(drop, ut.expand_as(text_t[idx]), text_t[idx])
+        vx = torch.where(drop, uv.expand_as(vision_t[idx]), vision_t[idx])
+        pred = net(noisy, t, torch.cat([tx, vx], dim=1))
+        return F.mse_loss(pred, eps)
+
+    losses = loop.run(loss_fn, steps, _deadline(minutes), progress)
+    _unconvert(image_unet)
+    for p in text_unet.parameters():
+        p.requires_grad_(True)
+    return image_unet.eval(), text_unet.eval(), losses
+
+
+# ----------------------------------------------------------------------------------------- the whole run
+def parse_steps(text: str | None) -> dict[str, int]:
+    """``"clip=300,unet=2000"`` -> steps per stage (others keep :data:`DEFAULT_STEPS`); ``"all=3"`` sets all."""
+    steps = dict(DEFAULT_STEPS)
+    if not text:
+        return steps
+    for item in text.split(","):
+        key, _, value = item.strip().partition("=")
+        if key not in STAGES + ("all",) or not value.strip().isdigit():
+            raise ValueError(f"'--steps' items must look like STAGE=N with STAGE in {list(STAGES) + ['all']}; "
+                             f"{item!r} was provided")
+        for k in (STAGES if key == "all" else (key,)):
+            steps[k] = int(value)
+    return steps
+
+
+def _stage_minutes(minutes: float | None, stage: str) -> float | None:
+    return None if minutes is None else float(minutes) * TIME_SHARE[stage]
+
+
+def train_demo_models(
+    out: str | Path,
+    *,
+    world_root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    work: str | Path | None = None,
+    steps: Mapping[str, int] | None = None,
+    minutes: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int | None = None,
+) -> Path:
+    """Train the four stages on the world's train images and write the demo models to ``out``.
+
+    Parameters
+    ----------
+    out : folder for ``vdvae.safetensors`` (+ ``.json``), ``versatile-diffusion/`` and ``training.json``.
+    world_root : a built world (default: ``ensure_world(cache_dir)``, the app's world).
+    work : checkpoints and the staged VD folder (default ``<cache>/demo-training``); a rerun resumes there.
+    steps : stage -> total optimisation steps (default :data:`DEFAULT_STEPS`; 0 keeps a stage untrained).
+    minutes : wall-clock cap of the whole run, shared by the stages as :data:`TIME_SHARE`.
+    threads : torch threads (default: leave as set).
+    Returns ``out``.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+    from transformers import CLIPImageProcessorPil, CLIPTokenizer
+
+    from ..features.clip import ClipFeatureExtractor
+    from ..features.vdvae import save_vdvae
+    from ..tiny_models import make_tiny_vd
+    from .build import ensure_world
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    steps = {**DEFAULT_STEPS, **dict(steps or {})}
+    bad = {k: v for k, v in steps.items() if k not in STAGES or int(v) < 0}
+    if bad:
+        raise ValueError(f"'steps' must map stages {list(STAGES)} to integers >= 0; {bad} was provided")
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    world_root = Path(world_root) if world_root is not None else ensure_world(cache)
+    work = Path(work) if work is not None else cache / "demo-training"
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    record: dict = {"world_root": str(world_root), "seed": seed, "steps_asked": steps, "minutes": minutes,
+                    "torch_threads": torch.get_num_threads(), "stages": {}}
+
+    # 1. Data (train split only) and the staged VD folder (random tiny components to start from)
+    images, captions, _ = load_train_data(world_root)
+    stage_vd = work / "versatile-diffusion"
+    if not (stage_vd / "model_index.json").is_file():
+        make_tiny_vd(stage_vd, seed=seed)
+    tokenizer = CLIPTokenizer.from_pretrained(stage_vd / "tokenizer")
+    processor = CLIPImageProcessorPil.from_pretrained(stage_vd / "image_feature_extractor")
+
+    def done(stage: str, t0: float, losses: list[float], ckpt_losses: list[float]) -> None:
+        record["stages"][stage] = {"steps": len(ckpt_losses), "seconds_this_run": round(time.perf_counter() - t0, 1),
+                                   "first_loss": ckpt_losses[0] if ckpt_losses else None,
+                                   "final_loss": float(np.mean(ckpt_losses[-50:])) if ckpt_losses else None}
+
+    # 2. CLIP
+    t0 = time.perf_counter()
+    clip_model, losses = train_clip(images, captions, tokenizer, processor, work, steps=steps["clip"],
+                                    minutes=_stage_minutes(minutes, "clip"), seed=seed, progress=progress)
+    text_tower, vision_tower = _towers_from(clip_model, seed)
+    text_tower.save_pretrained(stage_vd / "text_encoder", safe_serialization=True)
+    vision_tower.save_pretrained(stage_vd / "image_encoder", safe_serialization=True)
+    done("clip", t0, losses, _ckpt_losses(work, "clip"))
+
+    # 3. VDVAE at the world's resolution
+    t0 = time.perf_counter()
+    vdvae, losses = train_vdvae(images, work, steps=steps["vdvae"], minutes=_stage_minutes(minutes, "vdvae"),
+                                seed=seed, progress=progress)
+    done("vdvae", t0, losses, _ckpt_losses(work, "vdvae"))
+
+    # 4. VAE of Versatile Diffusion
+    t0 = time.perf_counter()
+    vae = AutoencoderKL.from_pretrained(stage_vd, subfolder="vae", low_cpu_mem_usage=False)
+    vae, losses = train_vae(images, vae, work, steps=steps["vae"], minutes=_stage_minutes(minutes, "vae"),
+                            seed=seed, progress=progress)
+    vae.save_pretrained(stage_vd / "vae", safe_serialization=True)
+    done("vae", t0, losses, _ckpt_losses(work, "vae"))
+
+    # 5. UNet on the trained CLIP's conditions and the trained VAE's latents
+    t0 = time.perf_counter()
+    clip = ClipFeatureExtractor(tokenizer, text_tower, vision_tower, processor)
+    with torch.no_grad():
+        text = clip.text_embeddings_batch(captions)
+        vision = clip.vision_embeddings(images, batch_size=256)
+        x = _resize(images, int(vae.config.sample_size))
+        dists = [vae.encode(x[s:s + 256]).latent_dist for s in range(0, len(x), 256)]
+        sf = float(vae.config.scaling_factor)
+        mean = torch.cat([d.mean for d in dists]) * sf
+        std = torch.cat([d.std for d in dists]) * sf
+    image_unet = UNet2DConditionModel.from_pretrained(stage_vd, subfolder="image_unet", low_cpu_mem_usage=False)
+    text_unet = UNetFlatConditionModel.from_pretrained(stage_vd, subfolder="text_unet", low_cpu_mem_usage=False)
+    scheduler = DDIMScheduler.from_pretrained(stage_vd, subfolder="scheduler")
+    image_unet, text_unet, losses = train_unet(
+        mean, std, text, vision, clip.unconditional_text(), clip.unconditional_vision(), image_unet, text_unet,
+        scheduler, work, steps=steps["unet"], minutes=_stage_minutes(minutes, "unet"), seed=seed, progress=progress)
+    image_unet.save_pretrained(stage_vd / "image_unet", safe_serialization=True)
+    text_unet.save_pretrained(stage_vd / "text_unet", safe_serialization=True)
+    done("unet", t0, losses, _ckpt_losses(work, "unet"))
+
+    # 6. Export in the real layouts
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out / "versatile-diffusion") as tmp:
+        shutil.copytree(stage_vd, tmp, dirs_exist_ok=True)
+    save_vdvae(vdvae, out / "vdvae.safetensors")
+    record["trained"] = {k: record["stages"][k]["steps"] >= steps[k] for k in STAGES}
+    atomic_write_json(out / "training.json", record)
+    return out
+
+
+def _ckpt_losses(work: Path, stage: str) -> list[float]:
+    path = Path(work) / f"{stage}.pt"
+    if not path.is_file():
+        return []
+    return [float(v) for v in torch.load(path, map_location="cpu", weights_only=True)["losses"]]
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``world train`` (shared by whichever CLI module registers the action)."""
+    p.add_argument("--out", default="assets/demo/models", metavar="DIR",
+                   help="where the trained models go (default: assets/demo/models)")
+    p.add_argument("--minutes", type=float, default=None, metavar="M", help="wall-clock cap for the whole run")
+    p.add_argument("--steps", default=None, metavar="LIST",
+                   help="steps per stage, e.g. clip=3000,vdvae=6000,vae=1500,unet=8000 (defaults) or all=5")
+    p.add_argument("--work", default=None, metavar="DIR", help="checkpoints (default <cache>/demo-training)")
+    p.add_argument("--world-root", default=None, metavar="DIR", help="a built world (default: the app's world)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="cache folder (default: $BRAIN_DIFFUSER_CACHE)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_train)
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    out = train_demo_models(args.out, world_root=args.world_root, cache_dir=args.cache_dir, work=args.work,
+                            steps=parse_steps(args.steps), minutes=args.minutes, seed=args.seed,
+                            threads=args.threads, progress=True)
+    print(f"demo models written to {out}: {json.dumps(json.loads((out / 'training.json').read_text())['stages'])}")
+    return 0
