@@ -121,6 +121,52 @@ class GenerativeModels:
                                                     device=device)
         return cls(vdvae, DualGuidedImg2Img(components), clip.unconditional_text(), clip.unconditional_vision())
 
+    def generate(self, features: Mapping[str, np.ndarray], *, seeds: Sequence[int],
+                 stage1: StageOneConfig = PAPER.stage1, stage2: StageTwoConfig = PAPER.stage2,
+                 run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0):
+        """Both stages for n items of predicted features ({"vdvae": (n, D), "clip_text": (n, 77, d), ...}).
+
+        Returns ``(stage1 uint8 (n, s, s, 3), upscaled uint8 (n, S, S, 3), final uint8 (n, S, S, 3) or None,
+        stage-1 seconds, stage-2 seconds)``. Serialised by :attr:`lock`; CUDA out-of-memory becomes a
+        :class:`GenerationError` and leaves the models usable.
+        """
+        n = len(features["vdvae"])
+        try:
+            with self.lock:
+                # 1. Stage 1: VDVAE with the predicted first layers, the others from the prior
+                t1 = time.perf_counter()
+                low = self.vdvae.decode(torch.as_tensor(np.asarray(features["vdvae"]).reshape(n, -1)),
+                                        temperature=stage1.temperature, seed=list(seeds))
+                upscaled = upscale_bicubic(low, self.image_size)
+                t_stage1 = time.perf_counter() - t1
+                if callback is not None:
+                    callback("stage1", 1, 1, upscaled)
+                # 2. Stage 2: Versatile Diffusion img2img from the stage-1 image
+                t2 = time.perf_counter()
+                final = None
+                if run_stage2:
+                    step_cb = None
+                    if callback is not None:
+                        def step_cb(step, total, _latents, preview):
+                            callback("stage2", step, total, preview)
+                    final = self.img2img(
+                        upscaled, features["clip_text"], features["clip_vision"], seeds=list(seeds),
+                        strength=stage2.strength, num_inference_steps=stage2.num_inference_steps,
+                        guidance_scale=stage2.guidance_scale, vision_mix=stage2.vision_mix, eta=stage2.ddim_eta,
+                        uncond_text=self.uncond_text, uncond_vision=self.uncond_vision,
+                        callback=step_cb, preview_every=preview_every)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t_stage2 = time.perf_counter() - t2
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise GenerationError(
+                f"CUDA out of memory while reconstructing {n} item(s) on {self.device}: {str(err).splitlines()[0]}. "
+                "Reconstruct fewer items at once (batch 1 needs about 10 GB in float16), close other GPU jobs, "
+                "or use device 'cpu'. The models are still loaded and usable."
+            ) from None
+        return low, upscaled, final, t_stage1, t_stage2
+
 
 class BrainDiffuser:
     """Decoders of a bundle + generative models: fMRI or ROI pattern -> :class:`Reconstruction`.
@@ -277,39 +323,9 @@ class BrainDiffuser:
         if len(seeds) != n or len(keys) != n:
             raise ValueError(f"'seeds' and 'keys' must hold one entry per item ({n}); got {len(seeds)} and {len(keys)}")
         seeds = [int(s) for s in seeds]
-        models = self.models
-        try:
-            with models.lock:
-                # 1. Stage 1: VDVAE with the predicted first layers, the others from the prior
-                t1 = time.perf_counter()
-                stage1 = models.vdvae.decode(torch.as_tensor(features["vdvae"].reshape(n, -1)),
-                                             temperature=s1.temperature, seed=seeds)
-                upscaled = upscale_bicubic(stage1, models.image_size)
-                t_stage1 = time.perf_counter() - t1
-                if callback is not None:
-                    callback("stage1", 1, 1, upscaled)
-                # 2. Stage 2: Versatile Diffusion img2img from the stage-1 image
-                t2 = time.perf_counter()
-                final = None
-                if run_stage2:
-                    step_cb = None
-                    if callback is not None:
-                        def step_cb(step, total, _latents, preview):
-                            callback("stage2", step, total, preview)
-                    final = models.img2img(
-                        upscaled, features["clip_text"], features["clip_vision"], seeds=seeds,
-                        strength=s2.strength, num_inference_steps=s2.num_inference_steps,
-                        guidance_scale=s2.guidance_scale, vision_mix=s2.vision_mix, eta=s2.ddim_eta,
-                        uncond_text=models.uncond_text, uncond_vision=models.uncond_vision,
-                        callback=step_cb, preview_every=preview_every)
-                t_stage2 = time.perf_counter() - t2
-        except torch.cuda.OutOfMemoryError as err:
-            torch.cuda.empty_cache()
-            raise GenerationError(
-                f"CUDA out of memory while reconstructing {n} item(s) on {self.device}: {str(err).splitlines()[0]}. "
-                "Reconstruct fewer items at once (batch 1 needs about 10 GB in float16), close other GPU jobs, "
-                "or use device 'cpu'. The models are still loaded and usable."
-            ) from None
+        stage1, upscaled, final, t_stage1, t_stage2 = self.models.generate(
+            features, seeds=seeds, stage1=s1, stage2=s2, run_stage2=run_stage2, callback=callback,
+            preview_every=preview_every)
         timings = {"features": feature_seconds, "stage1": t_stage1, "stage2": t_stage2,
                    "total": feature_seconds + t_stage1 + t_stage2}
         settings = {"temperature": s1.temperature, "strength": s2.strength, "guidance_scale": s2.guidance_scale,
