@@ -1,0 +1,231 @@
+"""``fit``: fit the ridge decoders fMRI -> features for one subject and write (or update) a decoder bundle.
+
+Example::
+
+    python -m brain_diffuser_core fit --nsd-root /data/nsd --subject 1 --features feats/ --out bundle/
+
+The subject's train fMRI (``nsd.load_subject``) is regressed onto the train images' features read from the
+feature store (``features.store.FeatureStore``), one factorisation of the fMRI kernel serving the three
+decoders, with the paper's alphas unless overridden. Adding a subject to an existing bundle keeps the other
+subjects; refitting some features of a subject keeps its other decoders when the voxel mask is unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ..config import FEATURE_NAMES, PAPER
+
+__all__ = ["add_parser", "fit_decoders", "fit_subject_bundle", "parse_feature_list"]
+
+
+def parse_feature_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in FEATURE_NAMES]
+    if not names or bad:
+        raise ValueError(f"'--features-to' must be a comma list of {list(FEATURE_NAMES)}; {text!r} was provided")
+    return names
+
+
+@dataclass
+class _Source:
+    """Column batches of one feature's train targets, and the mean Euclidean norm of its rows."""
+
+    n_targets: int
+    get: Callable[[int, int], np.ndarray]
+
+
+def _sources_from_arrays(features: Mapping[str, np.ndarray], n: int) -> dict[str, tuple[tuple[int, ...], _Source]]:
+    out = {}
+    for name, arr in features.items():
+        a = np.asarray(arr) if not hasattr(arr, "shape") else arr
+        if a.shape[0] != n:
+            raise ValueError(f"features {name!r} must have {n} rows (one per train image); shape {a.shape} was provided")
+        flat = a.reshape(n, -1)
+        out[name] = (tuple(a.shape[1:]), _Source(flat.shape[1], lambda s, e, f=flat: f[:, s:e]))
+    return out
+
+
+def fit_decoders(
+    train_fmri: np.ndarray,
+    features: Mapping[str, Any],
+    *,
+    alphas: Mapping[str, float] | None = None,
+    rank: int | None = None,
+    dtype: str = "float16",
+    backend: str = "auto",
+    loo_stats: bool | int = True,
+    n_targets_batch: int = 4096,
+    progress: bool = False,
+) -> tuple[dict, dict[str, float], dict[str, tuple[int, ...]]]:
+    """Fit one ridge decoder per feature from ``train_fmri`` (n, n_voxels) sharing one factorisation.
+
+    ``features``: name -> array (n, *shape) row-aligned with ``train_fmri``, or name -> ``(shape, source)``
+    pairs as built by :func:`fit_subject_bundle` for streamed store reads. Alphas default to
+    ``PAPER.ridge_alpha(name)``. Returns ``(decoders, train_feature_norms, shapes)``: the mean Euclidean
+    norm of a training sample's feature vector per feature, and each feature's per-image shape.
+    """
+    from ..ridge import factorise, fit_ridge
+
+    X = np.asarray(train_fmri, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"'train_fmri' must be 2-D (n_images, n_voxels); shape {X.shape} was provided")
+    n = X.shape[0]
+    sources = {}
+    for name, val in features.items():
+        if isinstance(val, tuple) and len(val) == 2 and isinstance(val[1], _Source):
+            sources[name] = val
+        else:
+            sources.update(_sources_from_arrays({name: val}, n))
+    alphas = {name: float((alphas or {}).get(name) or PAPER.ridge_alpha(name)) for name in sources}
+    fact = factorise(X, backend=backend)
+    decoders, norms, shapes = {}, {}, {}
+    for name, (shape, src) in sources.items():
+        sq = np.zeros(n, dtype=np.float64)
+        seen = np.zeros(src.n_targets, dtype=bool)
+
+        def Y(start, stop, _src=src, _sq=sq, _seen=seen):
+            block = np.asarray(_src.get(start, stop), dtype=np.float32)
+            if not _seen[start:stop].any():  # first pass: accumulate row norms
+                _sq += (block.astype(np.float64) ** 2).sum(1)
+                _seen[start:stop] = True
+            return block
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=src.n_targets * (2 if rank else 1), desc=f"fit {name}", unit="col", file=sys.stderr)
+
+        def report(done, total, _bar=bar):
+            if _bar is not None:
+                _bar.update(done - _bar.n)
+
+        try:
+            decoders[name] = fit_ridge(fact, Y, alphas[name], n_targets=src.n_targets, rank=rank, dtype=dtype,
+                                       loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=report)
+        finally:
+            if bar is not None:
+                bar.close()
+        norms[name] = float(np.sqrt(sq).mean())
+        shapes[name] = shape
+    return decoders, norms, shapes
+
+
+def _store_sources(store, names: list[str], ids: np.ndarray) -> dict:
+    out = {}
+    for name in names:
+        if name not in store.names():
+            raise ValueError(f"feature {name!r} is not in the feature store {store.folder}; it holds {store.names()}")
+        have = store.ids(name)
+        missing = np.setdiff1d(ids, have)
+        if len(missing):
+            raise ValueError(
+                f"feature {name!r} in {store.folder} lacks {len(missing)} of the subject's {len(ids)} train images, "
+                f"e.g. 73k ids {missing[:10].tolist()}; run the feature extraction for them first"
+            )
+        shape = store.shape(name)
+        out[name] = (shape, _Source(int(np.prod(shape)),
+                                    lambda s, e, _n=name: store.get(_n, ids, columns=slice(s, e))))
+    return out
+
+
+def fit_subject_bundle(
+    subject_obj,
+    store,
+    out: str | Path,
+    *,
+    feature_names: tuple[str, ...] | list[str] = FEATURE_NAMES,
+    alphas: Mapping[str, float] | None = None,
+    rank: int | None = None,
+    dtype: str = "float16",
+    models: Mapping[str, Mapping[str, str]] | None = None,
+    backend: str = "auto",
+    loo_stats: bool | int = True,
+    n_targets_batch: int = 4096,
+    progress: bool = False,
+) -> Path:
+    """Fit ``feature_names`` for a loaded subject (an ``nsd.Subject`` or anything with ``subject``,
+    ``train_fmri``, ``train_image_ids``, ``n_voxels``, ``mask_sha256``) from a FeatureStore; write or update
+    the bundle at ``out``. Returns the bundle path."""
+    from ..bundle import SubjectDecoders, load_bundle, save_bundle
+
+    subj = int(subject_obj.subject)
+    ids = np.asarray(subject_obj.train_image_ids, dtype=np.int64)
+    sources = _store_sources(store, feature_names, ids)
+    decoders, norms, shapes = fit_decoders(
+        subject_obj.train_fmri, sources, alphas=alphas, rank=rank, dtype=dtype, backend=backend,
+        loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=progress,
+    )
+    out = Path(out)
+    if (out / "manifest.json").exists():  # save_bundle(update=True) keeps the subject's other decoders
+        old = load_bundle(out)
+        if subj in old.subjects:
+            info = old.subject_info(subj)
+            if (info["n_voxels"], info["mask_sha256"]) != (int(subject_obj.n_voxels), str(subject_obj.mask_sha256)):
+                dropped = sorted(set(info["decoders"]) - set(decoders))
+                if dropped:
+                    print(f"note: dropping subject {subj}'s old decoders {dropped}: its voxel mask differs",
+                          file=sys.stderr)
+    entry = SubjectDecoders(
+        n_voxels=int(subject_obj.n_voxels), mask_sha256=str(subject_obj.mask_sha256), decoders=decoders,
+        train_feature_norm={k: v for k, v in norms.items() if v is not None},
+        info={"n_train": int(len(ids))},
+    )
+    return save_bundle(out, {subj: entry}, feature_shapes=shapes, models=models, update=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..features.store import FeatureStore
+    from ..nsd import load_subject
+
+    names = parse_feature_list(args.features_to)
+    alphas = {"vdvae": args.alpha_vdvae, "clip_text": args.alpha_clip_text, "clip_vision": args.alpha_clip_vision}
+    models = None
+    if args.models_json:
+        path = Path(args.models_json)
+        if not path.exists():
+            raise FileNotFoundError(f"'--models-json' file {path} does not exist")
+        models = json.loads(path.read_text())
+    store = FeatureStore(args.features)
+    subject = load_subject(args.nsd_root, args.subject, cache_dir=args.cache_dir)
+    loo: bool | int = True if args.loo_rows is None else (False if args.loo_rows == 0 else args.loo_rows)
+    out = fit_subject_bundle(
+        subject, store, args.out, feature_names=names, alphas=alphas, rank=args.rank, dtype=args.dtype,
+        models=models, backend=args.backend, loo_stats=loo, n_targets_batch=args.batch, progress=True,
+    )
+    print(f"wrote decoders for subject {args.subject} ({', '.join(names)}) to {out}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "fit", help="fit ridge decoders fMRI -> features and write a decoder bundle",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--nsd-root", required=True, help="NSD root folder")
+    p.add_argument("--subject", type=int, required=True, help="NSD subject (the paper uses 1, 2, 5, 7)")
+    p.add_argument("--features", required=True, help="feature store folder (vdvae, clip_text, clip_vision by 73k id)")
+    p.add_argument("--out", required=True, help="bundle folder to write or update")
+    p.add_argument("--features-to", default=",".join(FEATURE_NAMES), help="comma list of features to fit")
+    p.add_argument("--alpha-vdvae", type=float, default=None, help=f"default {PAPER.ridge_alpha('vdvae'):g}")
+    p.add_argument("--alpha-clip-text", type=float, default=None, help=f"default {PAPER.ridge_alpha('clip_text'):g}")
+    p.add_argument("--alpha-clip-vision", type=float, default=None,
+                   help=f"default {PAPER.ridge_alpha('clip_vision'):g}")
+    p.add_argument("--rank", type=int, default=None, help="store weights as rank-R factors (default: full)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored weight dtype")
+    p.add_argument("--loo-rows", type=int, default=None,
+                   help="estimate leave-one-out rescaling statistics on this many train rows (default all; 0 = none)")
+    p.add_argument("--batch", type=int, default=4096, help="target columns per batch (memory)")
+    p.add_argument("--backend", choices=["auto", "numpy", "torch", "torch_cuda"], default="auto")
+    p.add_argument("--cache-dir", default=None, help="prepared-subject cache folder (see 'prepare')")
+    p.add_argument("--models-json", default=None,
+                   help='JSON file of model references, e.g. {"vdvae": {"path": "..."}, "clip": {"hf_id": "..."}}')
+    p.set_defaults(func=_run)
+    return p

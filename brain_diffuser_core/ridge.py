@@ -1,0 +1,606 @@
+"""Multi-output ridge regression for very many targets: one kernel factorisation, targets in batches.
+
+Model, per target column ``y`` (intercept ``b`` not penalised)::
+
+    min_{w, b}  || y - X w - b ||^2 + alpha * || w ||^2
+
+With ``Xc = X - mean(X)`` (n, p) and the eigendecomposition of the kernel ``K = Xc Xc^T = U diag(lam) U^T``
+(n x n, computed once), every target and every alpha is served by the same ``U``, ``lam``::
+
+    W = Xc^T U diag(1 / (lam + alpha)) U^T Yc          (p, n_targets)
+    hat matrix  H = 1 1^T / n + U diag(lam / (lam + alpha)) U^T
+    leave-one-out prediction  loo_i = y_i - r_i / (1 - H_ii),   r = y - y_hat (train residuals)
+
+The kernel form suits fMRI decoding, where n (8,859 train images) < p (up to 15,724 voxels). Per alpha, the
+projector ``Xc^T (K + alpha I)^-1`` (p, n) is built once (O(p n^2)); the targets (up to 197,376 columns) are
+then streamed in column batches of ``n_targets_batch``, costing 2 p n flops per target for the weights and
+2 m n for the leave-one-out statistics on m rows (m = n by default). Peak memory is
+O(n*p + n^2 + (n + p) * n_targets_batch) plus the stored weights, never the float32 p x n_targets matrix.
+
+Storage (:class:`RidgeDecoder`): float16 (default) or float32 weights with a float32 scale per column, so
+small weights (CLIP features are ~1e-2) do not underflow float16; optionally low rank ``W ~ A @ B``. The
+rank-r factors are the Frobenius-optimal ones: ``W = V M`` with ``Xc = U S V^T`` and the middle factor
+``M = diag(s / (lam + alpha)) U^T Yc`` (n, n_targets); ``V`` has orthonormal columns, so the best rank-r
+``W`` is ``V`` times the best rank-r ``M``. ``M M^T = diag(.) U^T (Yc Yc^T) U diag(.)`` comes from the target
+Gram matrix ``Yc Yc^T`` (n x n) accumulated batch-wise (2 n^2 flops per target); its top-r eigenvectors P
+give ``A = Xc^T U diag(1/s) P`` (p, r), and ``B = P^T M`` (r, n_targets) is filled in a second streamed pass
+(2 r n flops per target).
+
+Why not himalaya (0.4.11, installed) directly: its ``solve_kernel_ridge_eigenvalues`` / ``solve_ridge_svd``
+take Y whole in memory and return full float32/float64 dual or primal weights; they do not stream targets
+from a callable or a memmap, do not give leave-one-out prediction statistics (needed for rescaling without
+test-set statistics), nor low-rank or float16 storage. The algebra here is the same as its "eigenvalues"
+solver; the backends follow its numpy / torch / torch_cuda switch.
+
+Prediction rescaling (``RidgeDecoder.predict(X, rescale=...)``):
+
+- ``"train"``: z-score with the per-target mean/std of the leave-one-out predictions on the TRAIN data,
+  then map to the train target mean/std. Uses no test statistics; works for a single trial.
+- ``"paper"``: the original scripts' rule: z-score across the predicted batch itself, then map to the train
+  target mean/std (std with ddof=0, as ``np.std``). Leaks test statistics; for reproducing the table only.
+- ``"none"``: raw ridge predictions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .seeding import seed_for
+
+__all__ = [
+    "BACKENDS",
+    "RESCALE_MODES",
+    "RidgeFactorisation",
+    "RidgeDecoder",
+    "factorise",
+    "fit_ridge",
+    "choose_alpha",
+]
+
+BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch", "torch_cuda")
+RESCALE_MODES: tuple[str, ...] = ("train", "paper", "none")
+_WEIGHT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+#: relative threshold below which a kernel eigenvalue counts as zero (float32 arithmetic)
+_EIG_RTOL = 1e-6
+
+ProgressFn = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------------------------- backends
+class _NumpyOps:
+    name = "numpy"
+
+    def asarray(self, a) -> np.ndarray:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+        return np.ascontiguousarray(np.asarray(a), dtype=np.float32)
+
+    def to_torch(self, a) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def eigh(self, a):
+        return np.linalg.eigh(a)
+
+    def maximum(self, a, value: float):
+        return np.maximum(a, value)
+
+    def sqrt(self, a):
+        return np.sqrt(a)
+
+    def where(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def zeros(self, shape):
+        return np.zeros(shape, dtype=np.float32)
+
+    def index(self, a, rows: np.ndarray):
+        return a[rows]
+
+
+class _TorchOps:
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.name = "torch_cuda" if self.device.type == "cuda" else "torch"
+
+    def asarray(self, a) -> torch.Tensor:
+        if not isinstance(a, torch.Tensor):
+            a = torch.from_numpy(np.ascontiguousarray(np.asarray(a), dtype=np.float32))
+        return a.to(device=self.device, dtype=torch.float32)
+
+    def to_torch(self, a) -> torch.Tensor:
+        return a.detach().cpu()
+
+    def eigh(self, a):
+        return torch.linalg.eigh(a)
+
+    def maximum(self, a, value: float):
+        return torch.clamp(a, min=value)
+
+    def sqrt(self, a):
+        return torch.sqrt(a)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def zeros(self, shape):
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def index(self, a, rows: np.ndarray):
+        return a[torch.as_tensor(rows, device=self.device)]
+
+
+def _get_ops(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"'backend' must be one of {list(BACKENDS)}; {backend!r} was provided")
+    if backend == "auto":
+        backend = "torch_cuda" if torch.cuda.is_available() else "torch"
+    if backend == "numpy":
+        return _NumpyOps()
+    if backend == "torch_cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("'backend' is 'torch_cuda' but no CUDA device is available; use 'torch' or 'auto'")
+        return _TorchOps("cuda")
+    return _TorchOps("cpu")
+
+
+# ------------------------------------------------------------------------------------------ target source
+class _Targets:
+    """Column batches of Y from an array-like (numpy array, memmap, h5py dataset, tensor) or a callable."""
+
+    def __init__(self, Y: Any, n_samples: int, n_targets: int | None):
+        self._fn: Callable[[int, int], Any] | None = None
+        if callable(Y) and not hasattr(Y, "shape"):
+            if n_targets is None:
+                raise ValueError("'n_targets' is required when 'Y' is a callable Y(start, stop) -> (n, stop-start)")
+            self._fn = Y
+            self.n_targets = int(n_targets)
+        else:
+            shape = tuple(Y.shape)
+            if len(shape) == 1:
+                Y = np.asarray(Y).reshape(-1, 1)
+                shape = Y.shape
+            if len(shape) != 2:
+                raise ValueError(f"'Y' must be 2-D (n_samples, n_targets); shape {shape} was provided")
+            if shape[0] != n_samples:
+                raise ValueError(
+                    f"'Y' must have {n_samples} rows (one per row of X); {shape[0]} were provided"
+                )
+            self._Y = Y
+            self.n_targets = int(shape[1])
+        self.n_samples = n_samples
+
+    def get(self, start: int, stop: int) -> np.ndarray:
+        if self._fn is not None:
+            block = self._fn(start, stop)
+        else:
+            block = self._Y[:, start:stop]
+        if isinstance(block, torch.Tensor):
+            block = block.detach().cpu().numpy()
+        block = np.asarray(block, dtype=np.float32)
+        if block.shape != (self.n_samples, stop - start):
+            raise ValueError(
+                f"'Y' batch [{start}:{stop}] must have shape {(self.n_samples, stop - start)}; "
+                f"{block.shape} was provided"
+            )
+        if not np.all(np.isfinite(block)):
+            raise ValueError(f"'Y' batch [{start}:{stop}] contains NaN or infinite values")
+        return block
+
+    def batches(self, batch: int):
+        for start in range(0, self.n_targets, batch):
+            stop = min(start + batch, self.n_targets)
+            yield start, stop, self.get(start, stop)
+
+
+# ---------------------------------------------------------------------------------------- factorisation
+@dataclass
+class RidgeFactorisation:
+    """The kernel eigendecomposition of centred X, shared by every target and alpha.
+
+    Attributes
+    ----------
+    x_mean : (p,) float32 column means of X (on the backend).
+    XtU : (p, n) float32 ``Xc^T U`` (on the backend); weights are ``XtU @ diag(1/(lam+alpha)) U^T Yc``.
+    lam : (n,) float32 eigenvalues of ``Xc Xc^T`` (clipped at 0), ascending.
+    U : (n, n) float32 eigenvectors.
+    """
+
+    ops: Any
+    x_mean: Any
+    XtU: Any
+    lam: Any
+    U: Any
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.U.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.XtU.shape[0])
+
+    def hat_diag(self, alpha: float):
+        """Diagonal of the hat matrix (with intercept), (n,) float32."""
+        d = self.lam / (self.lam + alpha)
+        return (self.U * self.U) @ d + 1.0 / self.n_samples
+
+
+def factorise(X, *, backend: str = "auto") -> RidgeFactorisation:
+    """Centre X (n, p) and eigendecompose its n x n kernel, once for all targets and alphas.
+
+    Cost O(n^2 p + n^3); memory about 4 * (n p + 2 n^2) bytes (X itself is not kept).
+    """
+    if isinstance(X, RidgeFactorisation):
+        return X
+    ops = _get_ops(backend)
+    shape = tuple(X.shape)
+    if len(shape) != 2 or shape[0] < 2:
+        raise ValueError(f"'X' must be 2-D (n_samples >= 2, n_features); shape {shape} was provided")
+    Xb = ops.asarray(X)
+    if not bool(torch.isfinite(Xb).all() if isinstance(Xb, torch.Tensor) else np.isfinite(Xb).all()):
+        raise ValueError("'X' contains NaN or infinite values")
+    x_mean = Xb.mean(0)
+    Xc = Xb - x_mean
+    del Xb
+    K = Xc @ Xc.T
+    lam, U = ops.eigh(K)
+    del K
+    lam = ops.maximum(lam, 0.0)
+    XtU = Xc.T @ U
+    del Xc
+    return RidgeFactorisation(ops=ops, x_mean=x_mean, XtU=XtU, lam=lam, U=U)
+
+
+def _check_alpha(alpha) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"'alpha' must be a positive number; {alpha!r} was provided") from None
+    if not a > 0 or not math.isfinite(a):
+        raise ValueError(f"'alpha' must be a positive finite number; {alpha!r} was provided")
+    return a
+
+
+def _loo_rows(n: int, loo_stats: bool | int) -> np.ndarray | None:
+    if loo_stats is False or loo_stats is None:
+        return None
+    if loo_stats is True:
+        return np.arange(n)
+    m = int(loo_stats)
+    if m < 2:
+        raise ValueError(f"'loo_stats' must be True, False or a row count >= 2; {loo_stats!r} was provided")
+    if m >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed_for("ridge_loo_rows", n, m))
+    return np.sort(rng.choice(n, size=m, replace=False))
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+class RidgeDecoder:
+    """A fitted ridge decoder: X (n, p) -> predictions (n, n_targets), weights stored compactly.
+
+    Tensors (all CPU torch): ``x_mean`` (p,), ``y_mean``/``y_std`` (n_targets,) train target mean/std
+    (ddof 0), ``loo_mean``/``loo_std`` (n_targets,) leave-one-out train prediction mean/std (absent if fitted
+    with ``loo_stats=False``), and either ``weight`` (p, n_targets) with ``weight_scale`` (n_targets,), or
+    ``factor_a`` (p, r) with ``factor_a_scale`` (r,) and ``factor_b`` (r, n_targets) with
+    ``factor_b_scale`` (n_targets,). Stored weights are float16 or float32; scales are float32.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], alpha: float, n_train: int):
+        self.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+        self.alpha = float(alpha)
+        self.n_train = int(n_train)
+        low = "factor_a" in self.tensors
+        need = ["x_mean", "y_mean", "y_std"] + (
+            ["factor_a", "factor_a_scale", "factor_b", "factor_b_scale"] if low else ["weight", "weight_scale"]
+        )
+        missing = [k for k in need if k not in self.tensors]
+        if missing:
+            raise ValueError(f"ridge decoder state is missing tensors {missing}")
+        p, t = self.n_features, self.n_targets
+        expect = {"x_mean": (p,), "y_mean": (t,), "y_std": (t,), "loo_mean": (t,), "loo_std": (t,)}
+        if low:
+            r = self.rank
+            expect.update(factor_a=(p, r), factor_a_scale=(r,), factor_b=(r, t), factor_b_scale=(t,))
+        else:
+            expect.update(weight=(p, t), weight_scale=(t,))
+        for k, shp in expect.items():
+            if k in self.tensors and tuple(self.tensors[k].shape) != shp:
+                raise ValueError(
+                    f"ridge decoder tensor {k!r} must have shape {shp}; {tuple(self.tensors[k].shape)} was found"
+                )
+
+    # -- shape info
+    @property
+    def n_features(self) -> int:
+        return int(self.tensors["x_mean"].shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.tensors["y_mean"].shape[0])
+
+    @property
+    def rank(self) -> int | None:
+        return int(self.tensors["factor_a"].shape[1]) if "factor_a" in self.tensors else None
+
+    @property
+    def has_loo_stats(self) -> bool:
+        return "loo_mean" in self.tensors
+
+    @property
+    def weight_dtype(self) -> str:
+        t = self.tensors.get("weight", self.tensors.get("factor_a"))
+        return str(t.dtype).replace("torch.", "")
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self.tensors.values()))
+
+    # -- (de)serialisation
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain contiguous CPU tensors (safetensors-ready); alpha and n_train as 1-element float64/int64."""
+        out = {k: v.contiguous() for k, v in self.tensors.items()}
+        out["alpha"] = torch.tensor([self.alpha], dtype=torch.float64)
+        out["n_train"] = torch.tensor([self.n_train], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "RidgeDecoder":
+        for key in ("alpha", "n_train"):
+            if key not in state:
+                raise ValueError(f"ridge decoder state is missing {key!r}")
+        tensors = {k: v for k, v in state.items() if k not in ("alpha", "n_train")}
+        return cls(tensors, alpha=float(state["alpha"].reshape(-1)[0]), n_train=int(state["n_train"].reshape(-1)[0]))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The float32 weight matrix (p, n_targets). Materialises it: for tests and small decoders only."""
+        t = self.tensors
+        if self.rank is None:
+            return t["weight"].float() * t["weight_scale"]
+        return (t["factor_a"].float() * t["factor_a_scale"]) @ (t["factor_b"].float() * t["factor_b_scale"])
+
+    # -- prediction
+    def predict(self, X, rescale: str = "train", *, n_targets_batch: int = 4096, device: str = "cpu") -> np.ndarray:
+        """Predict targets for X (m, p). Returns float32 numpy (m, n_targets).
+
+        ``rescale``: one of ``"train"`` (leave-one-out train statistics; no test peeking), ``"paper"`` (z-score
+        across this batch of predictions, as in the original scripts) or ``"none"``.
+        """
+        if rescale not in RESCALE_MODES:
+            raise ValueError(f"'rescale' must be one of {list(RESCALE_MODES)}; {rescale!r} was provided")
+        if rescale == "train" and not self.has_loo_stats:
+            raise ValueError("rescale='train' needs leave-one-out statistics; this decoder was fitted with loo_stats=False")
+        Xt = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X)
+        if Xt.ndim == 1:
+            Xt = Xt[None]
+        if Xt.ndim != 2 or Xt.shape[1] != self.n_features:
+            raise ValueError(
+                f"'X' must have shape (n_samples, {self.n_features}) (one column per voxel); "
+                f"{tuple(Xt.shape)} was provided"
+            )
+        dev = torch.device(device)
+        t = self.tensors
+        Xc = (Xt.to(dev, torch.float32) - t["x_mean"].to(dev))
+        m, T = Xc.shape[0], self.n_targets
+        out = np.empty((m, T), dtype=np.float32)
+        if self.rank is not None:
+            Z = Xc @ (t["factor_a"].to(dev).float() * t["factor_a_scale"].to(dev))
+        for j0 in range(0, T, n_targets_batch):
+            j1 = min(j0 + n_targets_batch, T)
+            if self.rank is None:
+                w = t["weight"][:, j0:j1].to(dev).float()
+                pred = (Xc @ w) * t["weight_scale"][j0:j1].to(dev)
+            else:
+                pred = (Z @ t["factor_b"][:, j0:j1].to(dev).float()) * t["factor_b_scale"][j0:j1].to(dev)
+            pred = pred + t["y_mean"][j0:j1].to(dev)
+            out[:, j0:j1] = pred.cpu().numpy()
+        return self._rescale(out, rescale)
+
+    def _rescale(self, pred: np.ndarray, rescale: str) -> np.ndarray:
+        if rescale == "none":
+            return pred
+        y_mean = self.tensors["y_mean"].numpy()
+        y_std = self.tensors["y_std"].numpy()
+        if rescale == "train":
+            mu, sd = self.tensors["loo_mean"].numpy(), self.tensors["loo_std"].numpy()
+        else:
+            if pred.shape[0] < 2:
+                raise ValueError("rescale='paper' z-scores across the predicted batch and needs >= 2 rows; 1 was provided")
+            mu, sd = pred.mean(0), pred.std(0)
+        sd = np.where(sd > 0, sd, 1.0).astype(np.float32)
+        return ((pred - mu) / sd * y_std + y_mean).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------- fit
+def _column_scale(w) -> Any:
+    """Per-column max |w| (1 where a column is all zero), so that w / scale lies in [-1, 1]."""
+    s = w.abs().amax(0) if isinstance(w, torch.Tensor) else np.abs(w).max(0)
+    return s + (s == 0)
+
+
+def fit_ridge(
+    X,
+    Y,
+    alpha: float,
+    *,
+    backend: str = "auto",
+    n_targets_batch: int = 4096,
+    loo_stats: bool | int = True,
+    rank: int | None = None,
+    dtype: str = "float16",
+    n_targets: int | None = None,
+    progress: ProgressFn | None = None,
+) -> RidgeDecoder:
+    """Fit ridge with intercept from X (n, p) to every column of Y (n, n_targets).
+
+    Parameters
+    ----------
+    X : array (n, p) float, or a :class:`RidgeFactorisation` from :func:`factorise` (reused across calls).
+    Y : array-like (n, n_targets) sliceable by columns (numpy array, memmap, h5py dataset, tensor), or a
+        callable ``Y(start, stop) -> (n, stop - start)`` together with ``n_targets``.
+    alpha : ridge penalty (> 0).
+    backend : "auto" (torch_cuda if available, else torch), "numpy", "torch" or "torch_cuda".
+    n_targets_batch : columns of Y processed at once ("used for memory reasons", as in himalaya).
+    loo_stats : True to compute leave-one-out train prediction mean/std (for ``rescale="train"``), an int m to
+        estimate them on m seeded random training rows (cheaper), False to skip.
+    rank : None for full weights, else store ``W ~ A @ B`` of this rank (<= n), Frobenius-optimal.
+    dtype : stored weight dtype, "float16" (default) or "float32".
+    progress : optional ``progress(done, total)`` called after each batch (units: target columns; with
+        ``rank`` there are two passes, so total is 2 * n_targets).
+
+    Returns
+    -------
+    RidgeDecoder
+    """
+    if dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"'dtype' must be one of {list(_WEIGHT_DTYPES)}; {dtype!r} was provided")
+    if int(n_targets_batch) < 1:
+        raise ValueError(f"'n_targets_batch' must be >= 1; {n_targets_batch!r} was provided")
+    alpha = _check_alpha(alpha)
+    fact = X if isinstance(X, RidgeFactorisation) else factorise(X, backend=backend)
+    ops = fact.ops
+    n = fact.n_samples
+    targets = _Targets(Y, n, n_targets)
+    T = targets.n_targets
+    if rank is not None and not (1 <= int(rank) <= n):
+        raise ValueError(f"'rank' must be between 1 and n_samples={n}; {rank!r} was provided")
+    wdt = _WEIGHT_DTYPES[dtype]
+    rows = _loo_rows(n, loo_stats)
+    lam, U, XtU = fact.lam, fact.U, fact.XtU
+    inv = 1.0 / (lam + alpha)  # (n,)
+    shrink = lam * inv  # (n,) lam / (lam + alpha)
+    if rows is not None:
+        h_rows = ops.index(1.0 / (1.0 - fact.hat_diag(alpha)), rows)  # (m,)
+        # rows of the centred hat matrix U diag(shrink) U^T: centred train fits of those rows, (m, n)
+        H_rows = (ops.index(U, rows) * shrink) @ U.T
+    total = T * (2 if rank is not None else 1)
+    done = 0
+
+    y_mean = torch.empty(T, dtype=torch.float32)
+    y_std = torch.empty(T, dtype=torch.float32)
+    loo_mean = torch.empty(T, dtype=torch.float32) if rows is not None else None
+    loo_std = torch.empty(T, dtype=torch.float32) if rows is not None else None
+    tensors: dict[str, torch.Tensor] = {"x_mean": ops.to_torch(fact.x_mean).float()}
+    if rank is None:
+        # W = Xc^T (K + alpha I)^-1 Yc = proj @ Yc with proj (p, n) built once for this alpha
+        proj = (XtU * inv) @ U.T
+        weight = torch.empty((fact.n_features, T), dtype=wdt)
+        weight_scale = torch.empty(T, dtype=torch.float32)
+    else:
+        s = ops.sqrt(lam)
+        keep = lam > (float(lam.max()) * _EIG_RTOL)
+        mid = ops.where(keep, s * inv, 0.0 * s)  # (n,) diag of the middle factor M = diag(mid) U^T Yc
+        G_Y = ops.zeros((n, n))  # Yc Yc^T, accumulated over target batches
+
+    # pass 1: target and leave-one-out statistics; full weights, or the Gram matrix of the targets
+    for j0, j1, yb_np in targets.batches(int(n_targets_batch)):
+        yb = ops.asarray(yb_np)
+        mu = yb.mean(0)
+        yc = yb - mu
+        del yb
+        y_mean[j0:j1] = ops.to_torch(mu).float()
+        y_std[j0:j1] = ops.to_torch(ops.sqrt((yc * yc).mean(0))).float()
+        if rows is not None:
+            yr = ops.index(yc, rows)
+            loo = yr - h_rows[:, None] * (yr - H_rows @ yc)  # centred LOO predictions, (m, b)
+            lm = loo.mean(0)
+            loo_mean[j0:j1] = ops.to_torch(lm + mu).float()
+            loo_std[j0:j1] = ops.to_torch(ops.sqrt(((loo - lm) ** 2).mean(0))).float()
+            del yr, loo
+        if rank is None:
+            wb = proj @ yc  # (p, b)
+            sc = _column_scale(wb)
+            weight[:, j0:j1] = ops.to_torch(wb / sc).to(wdt)
+            weight_scale[j0:j1] = ops.to_torch(sc).float()
+            del wb
+        else:
+            G_Y += yc @ yc.T
+        done += j1 - j0
+        if progress is not None:
+            progress(done, total)
+
+    tensors.update(y_mean=y_mean, y_std=y_std)
+    if rows is not None:
+        tensors.update(loo_mean=loo_mean, loo_std=loo_std)
+    if rank is None:
+        tensors.update(weight=weight, weight_scale=weight_scale)
+        return RidgeDecoder(tensors, alpha=alpha, n_train=n)
+
+    # low rank: M M^T = diag(mid) U^T (Yc Yc^T) U diag(mid); its top-r eigenvectors P (n, r) give
+    # A = Xc^T U diag(1/s) P (p, r) and B = P^T M = R @ Yc with R = P^T diag(mid) U^T (r, n)
+    r = int(rank)
+    Gm = (U.T @ G_Y) @ U
+    del G_Y
+    Gm = (Gm * mid[:, None]) * mid[None, :]
+    _, P = ops.eigh(0.5 * (Gm + Gm.T))
+    del Gm
+    P = P[:, n - r:]  # eigh sorts ascending: keep the last r
+    inv_s = ops.where(keep, 1.0 / ops.maximum(s, 1e-30), 0.0 * s)
+    A = XtU @ (inv_s[:, None] * P)  # (p, r)
+    R = (P * mid[:, None]).T @ U.T  # (r, n)
+    a_scale = _column_scale(A)
+    b = torch.empty((r, T), dtype=wdt)
+    b_scale = torch.empty(T, dtype=torch.float32)
+    for j0, j1, yb_np in targets.batches(int(n_targets_batch)):
+        yb = ops.asarray(yb_np)
+        Bb = R @ (yb - yb.mean(0))  # (r, b)
+        sc = _column_scale(Bb)
+        b[:, j0:j1] = ops.to_torch(Bb / sc).to(wdt)
+        b_scale[j0:j1] = ops.to_torch(sc).float()
+        done += j1 - j0
+        if progress is not None:
+            progress(done, total)
+    tensors.update(
+        factor_a=ops.to_torch(A / a_scale).to(wdt), factor_a_scale=ops.to_torch(a_scale).float(),
+        factor_b=b, factor_b_scale=b_scale,
+    )
+    return RidgeDecoder(tensors, alpha=alpha, n_train=n)
+
+
+def choose_alpha(
+    X,
+    Y,
+    alphas,
+    *,
+    backend: str = "auto",
+    n_targets_batch: int = 4096,
+    n_targets: int | None = None,
+) -> tuple[float, dict[float, float]]:
+    """Pick one alpha for all targets by exact leave-one-out on the shared eigendecomposition.
+
+    For each alpha the LOO residual is ``r_i / (1 - H_ii)``; the score is the LOO R^2
+    (``1 - sum loo_residual^2 / sum (y - mean y)^2``) averaged over targets (constant targets skipped).
+    Cost per alpha: O(n^2 n_targets). Returns ``(best_alpha, {alpha: mean LOO R^2})``.
+    """
+    alist = [_check_alpha(a) for a in np.atleast_1d(np.asarray(alphas, dtype=np.float64))]
+    if not alist:
+        raise ValueError("'alphas' must hold at least one value; none were provided")
+    fact = X if isinstance(X, RidgeFactorisation) else factorise(X, backend=backend)
+    ops = fact.ops
+    n = fact.n_samples
+    targets = _Targets(Y, n, n_targets)
+    sums = np.zeros(len(alist))
+    count = 0
+    hs = [1.0 / (1.0 - fact.hat_diag(a)) for a in alist]
+    for _, _, yb_np in targets.batches(int(n_targets_batch)):
+        yb = ops.asarray(yb_np)
+        yc = yb - yb.mean(0)
+        sst = (yc * yc).sum(0)
+        valid = sst > 0
+        Q = fact.U.T @ yc
+        nv = int(valid.sum())
+        count += nv
+        for k, a in enumerate(alist):
+            fitted = fact.U @ ((fact.lam / (fact.lam + a))[:, None] * Q)
+            res = (yc - fitted) * hs[k][:, None]
+            r2 = 1.0 - (res * res).sum(0) / ops.where(valid, sst, sst * 0 + 1.0)
+            sums[k] += float((r2 * valid).sum())
+    if count == 0:
+        raise ValueError("'Y' has no non-constant target column; cannot score alphas")
+    scores = {a: float(sums[k] / count) for k, a in enumerate(alist)}
+    best = max(scores, key=scores.get)
+    return best, scores

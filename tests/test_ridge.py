@@ -1,0 +1,207 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.linear_model import Ridge
+
+from brain_diffuser_core.ridge import RidgeDecoder, choose_alpha, factorise, fit_ridge
+
+BACKENDS = ["numpy", "torch"] + (["torch_cuda"] if torch.cuda.is_available() else [])
+
+
+def _data(rng, n=40, p=60, t=7, noise=0.5):
+    X = rng.standard_normal((n, p)) @ np.diag(np.linspace(2.0, 0.2, p)) + 3.0
+    W = rng.standard_normal((p, t)) * 0.3
+    Y = X @ W + noise * rng.standard_normal((n, t)) + rng.standard_normal(t) * 5
+    return X.astype(np.float32), Y.astype(np.float32)
+
+
+def _closed_form(X, Y, alpha):
+    """Float64 primal solution with an unpenalised intercept."""
+    X = X.astype(np.float64)
+    Y = Y.astype(np.float64)
+    xm, ym = X.mean(0), Y.mean(0)
+    Xc = X - xm
+    W = np.linalg.solve(Xc.T @ Xc + alpha * np.eye(X.shape[1]), Xc.T @ (Y - ym))
+    return W, ym - xm @ W
+
+
+def _brute_loo(X, Y, alpha):
+    """Leave-one-out predictions by refitting n times (float64)."""
+    n = X.shape[0]
+    out = np.empty(Y.shape)
+    for i in range(n):
+        keep = np.arange(n) != i
+        W, b = _closed_form(X[keep], Y[keep], alpha)
+        out[i] = X[i].astype(np.float64) @ W + b
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_closed_form_float64(rng, backend):
+    X, Y = _data(rng)
+    Xt = rng.standard_normal((9, X.shape[1])).astype(np.float32) + 3.0
+    W, b = _closed_form(X, Y, 5.0)
+    dec = fit_ridge(X, Y, 5.0, backend=backend, dtype="float32")
+    np.testing.assert_allclose(dec.dense_weight().numpy(), W, rtol=2e-3, atol=2e-4 * np.abs(W).max())
+    np.testing.assert_allclose(dec.predict(Xt, rescale="none"), Xt @ W + b, rtol=1e-3, atol=1e-3)
+
+
+def test_matches_sklearn_ridge_more_samples_than_features(rng):
+    X, Y = _data(rng, n=80, p=15, t=4)
+    Xt = rng.standard_normal((6, 15)).astype(np.float32)
+    ref = Ridge(alpha=3.0, fit_intercept=True).fit(X.astype(np.float64), Y.astype(np.float64))
+    dec = fit_ridge(X, Y, 3.0, backend="torch", dtype="float32")
+    np.testing.assert_allclose(dec.predict(Xt, rescale="none"), ref.predict(Xt), rtol=1e-3, atol=1e-3)
+
+
+def test_float16_storage_keeps_small_weights(rng):
+    X, Y = _data(rng)
+    Y = Y * 1e-5  # weights ~1e-6: would underflow float16 without the per-column scale
+    Xt = rng.standard_normal((5, X.shape[1])).astype(np.float32) + 3.0
+    W, b = _closed_form(X, Y, 5.0)
+    dec = fit_ridge(X, Y, 5.0, backend="torch")
+    assert dec.tensors["weight"].dtype == torch.float16
+    ref = Xt @ W + b
+    got = dec.predict(Xt, rescale="none")
+    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref - b).max()
+
+
+def test_batching_and_target_sources_are_equivalent(rng, tmp_path):
+    X, Y = _data(rng, t=11)
+    fact = factorise(X, backend="torch")
+    ref = fit_ridge(fact, Y, 7.0, n_targets_batch=1000, dtype="float32")
+    mm = np.lib.format.open_memmap(tmp_path / "y.npy", mode="w+", dtype=np.float32, shape=Y.shape)
+    mm[:] = Y
+    mm.flush()
+    calls = []
+    variants = [
+        fit_ridge(fact, Y, 7.0, n_targets_batch=3, dtype="float32"),
+        fit_ridge(fact, np.load(tmp_path / "y.npy", mmap_mode="r"), 7.0, n_targets_batch=4, dtype="float32"),
+        fit_ridge(fact, lambda a, b: (calls.append((a, b)), Y[:, a:b])[1], 7.0, n_targets=11,
+                  n_targets_batch=5, dtype="float32"),
+    ]
+    assert calls == [(0, 5), (5, 10), (10, 11)]
+    for dec in variants:
+        for k in ("weight", "y_mean", "y_std", "loo_mean", "loo_std"):
+            torch.testing.assert_close(dec.tensors[k] * (dec.tensors["weight_scale"] if k == "weight" else 1),
+                                       ref.tensors[k] * (ref.tensors["weight_scale"] if k == "weight" else 1),
+                                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_loo_statistics_match_refitting(rng, backend):
+    X, Y = _data(rng, n=30, p=45, t=5)
+    loo = _brute_loo(X, Y, 20.0)
+    dec = fit_ridge(X, Y, 20.0, backend=backend)
+    np.testing.assert_allclose(dec.tensors["loo_mean"].numpy(), loo.mean(0), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(dec.tensors["loo_std"].numpy(), loo.std(0), rtol=1e-3)
+    np.testing.assert_allclose(dec.tensors["y_std"].numpy(), Y.astype(np.float64).std(0), rtol=1e-5)
+
+
+def test_rescale_modes(rng):
+    X, Y = _data(rng, n=30, p=45, t=5)
+    Xt = rng.standard_normal((8, 45)).astype(np.float32) + 3.0
+    W, b = _closed_form(X, Y, 20.0)
+    raw = Xt @ W + b
+    loo = _brute_loo(X, Y, 20.0)
+    y64 = Y.astype(np.float64)
+    dec = fit_ridge(X, Y, 20.0, backend="torch", dtype="float32")
+    train = (raw - loo.mean(0)) / loo.std(0) * y64.std(0) + y64.mean(0)
+    paper = (raw - raw.mean(0)) / raw.std(0) * y64.std(0) + y64.mean(0)
+    np.testing.assert_allclose(dec.predict(Xt, rescale="none"), raw, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(dec.predict(Xt, rescale="train"), train, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(dec.predict(Xt, rescale="paper"), paper, rtol=2e-3, atol=2e-3)
+    # "train" works on a single trial and does not depend on the other rows of the batch
+    np.testing.assert_allclose(dec.predict(Xt[:1], rescale="train")[0], dec.predict(Xt, rescale="train")[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="needs >= 2 rows"):
+        dec.predict(Xt[:1], rescale="paper")
+    with pytest.raises(ValueError, match="'rescale' must be one of"):
+        dec.predict(Xt, rescale="zscore")
+    no_loo = fit_ridge(X, Y, 20.0, backend="torch", loo_stats=False)
+    with pytest.raises(ValueError, match="loo_stats=False"):
+        no_loo.predict(Xt)
+
+
+def test_loo_stats_on_a_row_subset_is_close(rng):
+    X, Y = _data(rng, n=200, p=80, t=6)
+    full = fit_ridge(X, Y, 30.0, backend="torch")
+    sub = fit_ridge(X, Y, 30.0, backend="torch", loo_stats=120)
+    np.testing.assert_allclose(sub.tensors["loo_std"].numpy(), full.tensors["loo_std"].numpy(), rtol=0.2)
+    assert not np.allclose(sub.tensors["loo_std"].numpy(), full.tensors["loo_std"].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_low_rank_is_the_best_rank_r_weight(rng, backend):
+    X, Y = _data(rng, n=40, p=60, t=12)
+    W, b = _closed_form(X, Y, 5.0)
+    u, s, vt = np.linalg.svd(W, full_matrices=False)
+    for r in (3, 7):
+        best = (u[:, :r] * s[:r]) @ vt[:r]
+        dec = fit_ridge(X, Y, 5.0, backend=backend, rank=r, dtype="float32")
+        assert dec.rank == r and dec.tensors["factor_a"].shape == (60, r)
+        np.testing.assert_allclose(dec.dense_weight().numpy(), best, atol=2e-3 * np.abs(W).max())
+    full_rank = fit_ridge(X, Y, 5.0, backend=backend, rank=12, dtype="float32")
+    np.testing.assert_allclose(full_rank.dense_weight().numpy(), W, atol=2e-3 * np.abs(W).max())
+
+
+def test_low_rank_float16_predictions_and_progress(rng):
+    X, Y = _data(rng, n=40, p=60, t=12)
+    Xt = rng.standard_normal((10, 60)).astype(np.float32) + 3.0
+    W, b = _closed_form(X, Y, 5.0)
+    seen = []
+    dec = fit_ridge(X, Y, 5.0, backend="torch", rank=12, n_targets_batch=5, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(5, 24), (10, 24), (12, 24), (17, 24), (22, 24), (24, 24)]
+    ref = Xt @ W + b
+    got = dec.predict(Xt, rescale="none", n_targets_batch=4)
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9999
+
+
+def test_state_dict_round_trip_through_safetensors(rng, tmp_path):
+    X, Y = _data(rng)
+    Xt = rng.standard_normal((4, X.shape[1])).astype(np.float32)
+    for kw in ({}, {"rank": 5}):
+        dec = fit_ridge(X, Y, 5.0, backend="torch", **kw)
+        save_file(dec.state_dict(), str(tmp_path / "d.safetensors"))
+        back = RidgeDecoder.from_state_dict(load_file(str(tmp_path / "d.safetensors")))
+        assert back.alpha == 5.0 and back.n_train == 40 and back.rank == dec.rank
+        np.testing.assert_array_equal(back.predict(Xt), dec.predict(Xt))
+    state = dec.state_dict()
+    state["y_std"] = state["y_std"][:3]
+    with pytest.raises(ValueError, match="'y_std' must have shape"):
+        RidgeDecoder.from_state_dict(state)
+
+
+def test_choose_alpha_matches_refitting(rng):
+    X, Y = _data(rng, n=30, p=45, t=4, noise=2.0)
+    alphas = [0.1, 10.0, 100.0, 1e4]
+    best, scores = choose_alpha(X, Y, alphas, backend="torch", n_targets_batch=3)
+    y64 = Y.astype(np.float64)
+    sst = ((y64 - y64.mean(0)) ** 2).sum(0)
+    for a in alphas:
+        loo = _brute_loo(X, Y, a)
+        expect = np.mean(1 - ((y64 - loo) ** 2).sum(0) / sst)
+        assert scores[a] == pytest.approx(expect, abs=2e-3)
+    assert best == max(scores, key=scores.get)
+    assert best not in (alphas[0], alphas[-1])
+
+
+def test_input_errors(rng):
+    X, Y = _data(rng)
+    with pytest.raises(ValueError, match="'Y' must have 40 rows"):
+        fit_ridge(X, Y[:30], 1.0, backend="torch")
+    with pytest.raises(ValueError, match="'backend' must be one of"):
+        fit_ridge(X, Y, 1.0, backend="jax")
+    with pytest.raises(ValueError, match="'alpha' must be a positive"):
+        fit_ridge(X, Y, -1.0, backend="torch")
+    with pytest.raises(ValueError, match="'n_targets' is required"):
+        fit_ridge(X, lambda a, b: Y[:, a:b], 1.0, backend="torch")
+    with pytest.raises(ValueError, match="'rank' must be between 1 and n_samples=40"):
+        fit_ridge(X, Y, 1.0, backend="torch", rank=41)
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="'X' contains NaN"):
+        fit_ridge(bad, Y, 1.0, backend="torch")
+    dec = fit_ridge(X, Y, 1.0, backend="torch")
+    with pytest.raises(ValueError, match=r"'X' must have shape \(n_samples, 60\)"):
+        dec.predict(X[:, :10])
