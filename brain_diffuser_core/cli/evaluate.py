@@ -1,0 +1,81 @@
+"""``evaluate``: the paper's metrics for a bundle on a subject's test images, beside the published table."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "score reconstructions with the paper's metrics (full, stage 1 only, stage 2 only)"
+
+DESCRIPTION = """\
+Reconstruct a subject's test images with a bundle and score them as the paper does:
+PixCorr and SSIM (pixels), 2-way identification with CLIP (the bundle's own CLIP: ViT-L/14 with real
+weights), and correlation distance with EfficientNet-Lite0 (a stand-in for the paper's EffNet-B1 column,
+marked *). AlexNet / Inception / SwAV columns need torchvision and their weights (--networks alexnet2,...).
+
+Three variants, as the paper's ablations: full (stage 1 + stage 2), stage1 (VDVAE only), stage2_only
+(Versatile Diffusion from the CLIP conditions alone). Images are kept under <out>/images/, so a rerun resumes.
+Writes <out>/metrics.json, metrics.csv, per_image.csv, table.md and prints the table.
+
+example:
+  python -m brain_diffuser_core evaluate --bundle bundles/nsd --nsd-root /data/nsd --subject 1 --out eval/subj01
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..evaluation import VARIANTS
+
+    p = subparsers.add_parser("evaluate", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, metavar="DIR", help="decoder bundle folder")
+    p.add_argument("--nsd-root", required=True, metavar="DIR", help="NSD root (or a MiniNSD world folder)")
+    p.add_argument("--subject", required=True, type=int, choices=range(1, 9), metavar="N", help="subject 1..8")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (images, metrics)")
+    p.add_argument("--trials", default="all", metavar="LIST", help="test rows: 'all' (default), '0-99', ...")
+    p.add_argument("--variants", default=",".join(VARIANTS), metavar="LIST",
+                   help=f"comma subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--networks", default="clip,efficientnet_lite0", metavar="LIST",
+                   help="feature networks for the high-level columns (default: clip,efficientnet_lite0)")
+    p.add_argument("--rescale", default="train", choices=("train", "paper", "none"),
+                   help="prediction rescaling (default train; 'paper' reproduces the original's test-set z-score)")
+    p.add_argument("--pixel-size", type=int, default=None, help="side for PixCorr/SSIM (default: stimulus size)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per generation batch")
+    p.add_argument("--seed", type=int, default=0, help="base seed")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the paper's 50)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-arrays cache (as for `prepare`)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ..evaluation import evaluate_bundle
+    from ..nsd import load_subject
+    from ..pipeline import BrainDiffuser
+    from .reconstruct import parse_rows
+
+    diffuser = BrainDiffuser(args.bundle, device=args.device)
+    subject = load_subject(args.nsd_root, args.subject, cache_dir=args.cache_dir, progress=True)
+    diffuser.bundle.check_subject(args.subject, subject.n_voxels, subject.mask_sha256)
+    rows = parse_rows(args.trials, len(subject.test_image_ids))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    clip_ref = diffuser.bundle.models.get("clip") or diffuser.bundle.models.get("versatile_diffusion") or {}
+    kwargs = {"clip": {"path": clip_ref.get("path") or clip_ref.get("hf_id"), "device": str(diffuser.device)}}
+    bars = {}
+
+    def progress(variant, done, total):
+        bar = bars.setdefault(variant, tqdm(total=total, desc=variant, unit="img"))
+        bar.n = done
+        bar.refresh()
+
+    overrides = {"num_inference_steps": args.steps} if args.steps else {}
+    summary = evaluate_bundle(diffuser, subject, args.out, rows=rows, variants=variants, networks=networks,
+                              network_kwargs=kwargs, pixel_size=args.pixel_size, base_seed=args.seed,
+                              rescale=args.rescale, batch_size=args.batch_size, progress=progress, **overrides)
+    for bar in bars.values():
+        bar.close()
+    print((Path(args.out) / "table.md").read_text())
+    return 0 if summary else 1

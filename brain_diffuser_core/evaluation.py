@@ -1,0 +1,148 @@
+"""Evaluate a bundle on a subject's test images with the paper's metrics, for the paper's three variants.
+
+Variants (the paper's ablations):
+
+* ``full``: stage 1 (VDVAE) then stage 2 (Versatile Diffusion img2img at the configured strength);
+* ``stage1``: the VDVAE image alone (upscaled like the stage-2 input);
+* ``stage2_only``: Versatile Diffusion without the VDVAE initial guess: img2img at strength 1.0 from a uniform
+  grey init image, so the image comes from the CLIP conditions alone.
+
+Images are written as PNGs under ``out/images/<variant>/<73k id>.png`` as they are made, so an interrupted run
+resumes where it stopped; the metrics are then computed on all of them at once (2-way identification compares
+every reconstruction with every ground truth of the set).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .config import PAPER
+from .io import atomic_path, atomic_write_json
+from .seeding import seed_for
+
+__all__ = ["VARIANTS", "reconstruct_variants", "evaluate_bundle"]
+
+VARIANTS: tuple[str, ...] = ("full", "stage1", "stage2_only")
+
+#: progress(variant, done, total)
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
+
+
+def reconstruct_variants(diffuser, subject, out: Path, *, rows: Sequence[int], variants: Sequence[str] = VARIANTS,
+                         base_seed: int = 0, rescale: str = "train", batch_size: int = 4,
+                         progress: ProgressFn | None = None, **overrides) -> dict[str, list[Path]]:
+    """Make (or reuse) the PNGs of ``variants`` for test rows ``rows`` of ``subject``; returns their paths."""
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"'variants' must be a non-empty subset of {list(VARIANTS)}; {list(variants)} was provided")
+    ids = [int(subject.test_image_ids[r]) for r in rows]
+    paths = {v: [out / "images" / v / f"{i}.png" for i in ids] for v in variants}
+    # "paper" rescaling needs every test prediction at once (z-score across the set)
+    feats_all = (diffuser.predict_features(subject.test_fmri, subject.subject, rescale="paper")
+                 if rescale == "paper" else None)
+    for variant in variants:
+        todo = [k for k, p in enumerate(paths[variant]) if not p.exists()]
+        done = len(rows) - len(todo)
+        if progress:
+            progress(variant, done, len(rows))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch_rows = [rows[k] for k in chunk]
+            if feats_all is not None:
+                feats = {name: v[batch_rows] for name, v in feats_all.items()}
+            else:
+                feats = diffuser.predict_features(subject.test_fmri[batch_rows], subject.subject, rescale=rescale)
+            seeds = [seed_for("trial", ids[k], base_seed=base_seed) for k in chunk]
+            keys = [f"{variant}/{ids[k]}" for k in chunk]
+            if variant == "stage1":
+                recs = diffuser.generate(feats, keys=keys, seeds=seeds, run_stage2=False, **overrides)
+                images = [r.stage1_upscaled for r in recs]
+            elif variant == "full":
+                images = [r.final for r in diffuser.generate(feats, keys=keys, seeds=seeds, **overrides)]
+            else:
+                images = _stage2_only(diffuser, feats, seeds, overrides)
+            for k, image in zip(chunk, images):
+                _save_png(paths[variant][k], image)
+            done += len(chunk)
+            if progress:
+                progress(variant, done, len(rows))
+    return paths
+
+
+def _stage2_only(diffuser, feats: Mapping[str, np.ndarray], seeds: Sequence[int], overrides) -> list[np.ndarray]:
+    """Versatile Diffusion from the CLIP conditions alone: grey init image, strength 1.0."""
+    _, s2 = diffuser._configs({k: v for k, v in overrides.items() if k != "strength"})
+    models = diffuser.models
+    n, size = len(seeds), models.image_size
+    grey = np.full((n, size, size, 3), PAPER.stage2.unconditional_grey, np.uint8)
+    with models.lock:
+        out = models.img2img(grey, feats["clip_text"], feats["clip_vision"], seeds=list(seeds), strength=1.0,
+                             num_inference_steps=s2.num_inference_steps, guidance_scale=s2.guidance_scale,
+                             vision_mix=s2.vision_mix, eta=s2.ddim_eta, uncond_text=models.uncond_text,
+                             uncond_vision=models.uncond_vision)
+    return list(out)
+
+
+def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] | None = None,
+                    variants: Sequence[str] = VARIANTS, networks: Sequence[str] = ("clip", "efficientnet_lite0"),
+                    network_kwargs: Mapping[str, Mapping] | None = None, pixel_size: int | None = None,
+                    base_seed: int = 0, rescale: str = "train", batch_size: int = 4,
+                    progress: ProgressFn | None = None, **overrides) -> dict[str, dict[str, float]]:
+    """Reconstruct (resumably) and score ``variants``; writes ``metrics.json``, ``metrics.csv``,
+    ``per_image.csv`` and ``table.md`` under ``out``. Returns {variant: {metric: value}}.
+
+    pixel_size : side for PixCorr/SSIM; default the stimuli's own size (425 for NSD, as the paper).
+    """
+    from .metrics import evaluate_images, format_table
+
+    out = Path(out)
+    rows = list(range(len(subject.test_image_ids))) if rows is None else [int(r) for r in rows]
+    if len(rows) < 2:
+        raise ValueError(f"'rows' must hold at least 2 test images (2-way identification); {len(rows)} given")
+    paths = reconstruct_variants(diffuser, subject, out, rows=rows, variants=variants, base_seed=base_seed,
+                                 rescale=rescale, batch_size=batch_size, progress=progress, **overrides)
+    ids = [int(subject.test_image_ids[r]) for r in rows]
+    truths = np.stack([subject.image(i) for i in ids])
+    size = pixel_size or truths.shape[1]
+    summary, per_image = {}, {}
+    for variant in variants:
+        recons = np.stack([_png(p) for p in paths[variant]])
+        summary[variant], per_image[variant] = evaluate_images(recons, truths, networks,
+                                                               network_kwargs=network_kwargs, size=size)
+    label = f"ours ({{}}) subj {subject.subject}"
+    table = format_table({label.format(v): s for v, s in summary.items()})
+    atomic_write_json(out / "metrics.json", {"subject": subject.subject, "n_images": len(ids), "rescale": rescale,
+                                             "pixel_size": size, "summary": summary})
+    metrics = list(next(iter(summary.values())))
+    with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant"] + metrics)
+        for v, s in summary.items():
+            w.writerow([v] + [f"{s[m]:.6g}" for m in metrics])
+    with atomic_path(out / "per_image.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "image_id"] + metrics)
+        for v, per in per_image.items():
+            for k, i in enumerate(ids):
+                w.writerow([v, i] + [f"{float(per[m][k]):.6g}" for m in metrics])
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(table + "\n")
+    return summary
