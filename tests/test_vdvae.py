@@ -260,7 +260,9 @@ def test_safetensors_round_trip(tiny, images, tmp_path):
     loaded = load_vdvae(path)  # config from the file itself
     assert loaded.config == tiny.config
     _assert_same_weights(tiny, loaded)
-    assert torch.equal(loaded.encode(images, mode="mean"), tiny.encode(images, mode="mean"))
+    # weights are bit-identical (above); outputs may differ by float32 rounding (memory alignment of the
+    # loaded tensors picks other SIMD paths), so compare to rounding level
+    torch.testing.assert_close(loaded.encode(images, mode="mean"), tiny.encode(images, mode="mean"), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="'.safetensors'"):
         save_vdvae(tiny, tmp_path / "tiny.pt")
 
