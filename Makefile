@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+# `make run PORT=8502 ADDRESS=0.0.0.0` to change where the app listens
+PORT ?= 8501
+ADDRESS ?= 127.0.0.1
 
 .PHONY: venv test run clean
 
@@ -18,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 run: $(STAMP)
-	$(PY) -m brain_diffuser_core --help
+	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT) --server.address $(ADDRESS) --browser.gatherUsageStats false
 
 clean:
 	rm -rf $(VENV) .pytest_cache

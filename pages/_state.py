@@ -1,0 +1,190 @@
+"""The app's one adapter to the library: where the bundle and the NSD tree come from, and cached loaders.
+
+Pages never build models or read NSD files themselves: they call :func:`context` for the sidebar's choices
+and :func:`diffuser` / :func:`subject_data` / :func:`vertex_map` for the loaded objects.
+
+Sources
+-------
+* ``demo`` (default): the MiniNSD world (:func:`brain_diffuser_core.world.build.ensure_world`) and its demo
+  bundle (:func:`brain_diffuser_core.world.demo.ensure_demo_bundle`), built into the cache on first use. If
+  ``world/demo.py`` is missing (a partial checkout), a DEVELOPMENT stand-in is used: the world plus a
+  random-weight tiny bundle for subject 1 (:func:`brain_diffuser_core.tiny_bundle.make_tiny_bundle`, voxel
+  count matched to the world's subject 1); the sidebar says so.
+* ``folder``: a bundle folder plus the NSD root holding the subjects' data (real NSD or a world tree).
+
+Cached resources (``st.cache_resource``) take explicit arguments only; they are shared by every session, and
+the generative models serialise generations with their own ``lock``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from brain_diffuser_core.config import PAPER, cache_root
+
+AVERAGE = "average"
+CONTEXT_KEY = "app_context"
+
+
+@dataclass(frozen=True)
+class AppContext:
+    """The sidebar's choices, as pages read them.
+
+    bundle_path, nsd_root : str folders (absolute).
+    subject : int (1, 2, 5, 7) or :data:`AVERAGE` (only on pages where the subject average applies).
+    subjects : the bundle's subjects that the pages may use.
+    device : "auto", "cpu" or "cuda".
+    seed : base seed (``seed_for(..., base_seed=seed)``).
+    num_inference_steps : DDIM schedule length (the paper's 50 by default; strength picks how many run).
+    demo_note : "" or why the demo's images are not meaningful (untrained demo models, development stand-in).
+    """
+
+    bundle_path: str
+    nsd_root: str
+    subject: int | str
+    subjects: tuple[int, ...]
+    device: str
+    seed: int
+    num_inference_steps: int
+    demo_note: str = ""
+
+    @property
+    def single_subjects(self) -> tuple[int, ...]:
+        """Subjects a pattern is made for: all bundle subjects for the average, else the chosen one."""
+        return self.subjects if self.subject == AVERAGE else (int(self.subject),)
+
+
+def context() -> AppContext:
+    """The context ``app.py`` stored for this run; stops the page with a message when there is none."""
+    ctx = st.session_state.get(CONTEXT_KEY)
+    if ctx is None:
+        st.error("This page runs inside the app: start it with `make run` (streamlit run app.py).")
+        st.stop()
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def demo_available() -> bool:
+    """Whether the project's real demo bundle builder (``world/demo.py``) exists yet."""
+    try:
+        from brain_diffuser_core.world import demo  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(demo, "ensure_demo_bundle")
+
+
+@st.cache_resource(show_spinner="Preparing the MiniNSD demo (the first run builds the world and fits its "
+                                 "decoders: a few minutes on CPU)...")
+def demo_sources() -> tuple[str, str, str]:
+    """(bundle folder, NSD root of the world, note) of the built-in demo, built on first use.
+
+    ``note`` is "" for the real demo; otherwise it says why the images are not meaningful (the demo models
+    are untrained, or ``world/demo.py`` is missing and the development stand-in is used).
+    """
+    from brain_diffuser_core.world.build import ensure_world
+
+    root = Path(ensure_world()).resolve()
+    if not demo_available():
+        return str(_dev_standin_bundle(root)), str(root), (
+            "Development stand-in: world/demo.py is missing, so subject 1 uses random-weight tiny models. "
+            "Images are not meaningful.")
+    from brain_diffuser_core.world import demo
+
+    bundle = Path(demo.ensure_demo_bundle(world_root=root)).resolve()
+    note = ""
+    if getattr(demo, "UNTRAINED_KEY", None) in load_bundle_cached(str(bundle)).manifest.get("models", {}):
+        note = ("The demo models are not trained yet (random weights of the real architectures): decoding runs "
+                "end to end but images are not meaningful. Train them with `python -m brain_diffuser_core world "
+                "train`.")
+    return str(bundle), str(root), note
+
+
+def check_folder_sources(bundle_text: str, nsd_text: str):
+    """Validate the sidebar's folder inputs; returns (Bundle, nsd_root Path).
+
+    Raises ValueError naming the input, what was expected and what was found.
+    """
+    from brain_diffuser_core.bundle import BundleError
+
+    bundle_text, nsd_text = (bundle_text or "").strip(), (nsd_text or "").strip()
+    if not bundle_text:
+        raise ValueError("'Bundle folder' must be a folder holding manifest.json; nothing was entered")
+    folder = Path(bundle_text).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"'Bundle folder' must be an existing folder; {str(folder)!r} does not exist")
+    if not (folder / "manifest.json").is_file():
+        raise ValueError(f"'Bundle folder' must hold manifest.json (made by `python -m brain_diffuser_core fit`); "
+                         f"{str(folder)!r} has none")
+    try:
+        bundle = load_bundle_cached(str(folder.resolve()))
+    except BundleError as err:
+        raise ValueError(f"'Bundle folder' is not a usable bundle: {err}") from None
+    if not nsd_text:
+        raise ValueError("'NSD root' must be the folder holding nsddata/, nsddata_betas/ and nsddata_stimuli/; "
+                         "nothing was entered")
+    root = Path(nsd_text).expanduser()
+    if not (root / "nsddata").is_dir():
+        raise ValueError(f"'NSD root' must hold an nsddata/ folder; {str(root)!r} has none")
+    return bundle, root.resolve()
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+@st.cache_resource(show_spinner="Reading the bundle manifest...", max_entries=4)
+def load_bundle_cached(bundle_path: str):
+    from brain_diffuser_core.bundle import load_bundle
+
+    return load_bundle(bundle_path)
+
+
+@st.cache_resource(show_spinner="Loading decoders and generative models...", max_entries=2)
+def diffuser(bundle_path: str, device: str = "auto"):
+    """:class:`~brain_diffuser_core.pipeline.BrainDiffuser` for a bundle folder on ``device`` (shared)."""
+    from brain_diffuser_core.pipeline import BrainDiffuser
+
+    return BrainDiffuser(bundle_path, device=device)
+
+
+@st.cache_resource(show_spinner="Reading the subject's fMRI...", max_entries=8)
+def subject_data(nsd_root: str, subject: int):
+    """:class:`~brain_diffuser_core.nsd.Subject` (prepared fMRI, stimuli, captions, ROIs), cached on disk too."""
+    from brain_diffuser_core.nsd import load_subject
+
+    return load_subject(nsd_root, int(subject), progress=False)
+
+
+@st.cache_resource(max_entries=8)
+def vertex_map(nsd_root: str, subject: int) -> dict | None:
+    """The world's voxel -> fsaverage5 map for ``subject`` in the Subject's voxel order, or None.
+
+    Returns {"vertex_index": int (n_voxels,), "hemisphere": str (n_voxels,) "left"/"right"} when
+    ``<nsd_root>/world/vertex_map_subjXX.npz`` exists and its voxels match the subject's; None otherwise
+    (real NSD: the page falls back to a voxel-space view).
+    """
+    path = Path(nsd_root) / "world" / f"vertex_map_subj{int(subject):02d}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        ijk, vidx, hemi = z["voxel_ijk"], z["vertex_index"], z["hemisphere"]
+    subj = subject_data(nsd_root, subject)
+    if ijk.shape != subj.voxel_ijk.shape or not np.array_equal(ijk, subj.voxel_ijk):
+        return None
+    return {"vertex_index": vidx.astype(np.int64), "hemisphere": hemi.astype(str)}
+
+
+def hemisphere_of_voxels(nsd_root: str, subject: int) -> np.ndarray:
+    """str (n_voxels,) "left"/"right": from the vertex map, else from the sign of the voxels' x (RAS mm)."""
+    vm = vertex_map(nsd_root, subject)
+    if vm is not None:
+        return vm["hemisphere"]
+    subj = subject_data(nsd_root, subject)
+    xyz = subj.voxel_ijk @ subj.affine[:3, :3].T + subj.affine[:3, 3]
+    return np.where(xyz[:, 0] < 0, "left", "right")
+
+
+def stage2_defaults() -> dict:
+    """The paper's stage-2 defaults the pages start from (strength, guidance, mix)."""
+    s2 = PAPER.stage2
+    return {"strength": s2.strength, "guidance_scale": s2.guidance_scale, "vision_mix": s2.vision_mix}

@@ -1,0 +1,179 @@
+"""ROI designer: build a synthetic fMRI pattern from ROI weights (or upload one) and see the scenes it evokes.
+
+The paper's ROI-optimal scenes: a pattern of weight w inside each chosen ROI and 0 elsewhere (not z-scored)
+goes through the decoders; predicted features are re-normalised to the training features' norm and, for the
+subject average, averaged over subjects (``BrainDiffuser.reconstruct_pattern``).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import streamlit as st
+
+from brain_diffuser_core.rois import PAPER_ROIS, PAPER_PRESETS, ROI_CATALOGUE, roi_names
+from pages import _state, _views
+
+CUSTOM = "(custom)"
+GROUPS = (("The paper's eight ROIs", PAPER_ROIS), ("Fine ROIs", tuple(roi_names("fine"))),
+          ("Eccentricity bands", tuple(roi_names("eccentricity"))))
+
+ctx = _state.context()
+bd = _state.diffuser(ctx.bundle_path, ctx.device)
+subjects = ctx.single_subjects
+subject_data = {s: _state.subject_data(ctx.nsd_root, s) for s in subjects}
+available = [r for r in ROI_CATALOGUE if all(r in d.roi_names() for d in subject_data.values())]
+
+st.title("ROI designer")
+st.caption("Weights inside regions of interest make a synthetic fMRI pattern (weight inside the ROI, 0 elsewhere, "
+           "not z-scored, as in the paper); the decoders turn it into the scene that region 'prefers'.")
+
+
+def _wkey(roi: str) -> str:
+    return f"roi_w_{roi}"
+
+
+def _apply_weights(weights: dict, hemisphere: str | None = None) -> None:
+    for roi in ROI_CATALOGUE:
+        st.session_state[_wkey(roi)] = float(weights.get(roi, 0.0))
+    if hemisphere is not None:
+        st.session_state["roi_hemisphere"] = hemisphere
+
+
+def _on_preset() -> None:
+    name = st.session_state["roi_preset"]
+    if name != CUSTOM:
+        _apply_weights(dict(PAPER_PRESETS[name]))
+
+
+# 1. Load a saved pattern (before the sliders exist, so it can set them)
+with st.expander("Load a saved pattern"):
+    loaded = st.file_uploader("Load pattern JSON", type=["json"], key="roi_load_json")
+    if loaded is not None and st.session_state.get("roi_loaded_id") != loaded.file_id:
+        st.session_state["roi_loaded_id"] = loaded.file_id
+        try:
+            spec = _views.pattern_from_json(loaded.getvalue(), available)
+        except ValueError as err:
+            st.error(f"{loaded.name}: {err}")
+        else:
+            _apply_weights(spec["weights"], spec["hemisphere"])
+            st.session_state["roi_preset"] = CUSTOM
+            st.success(f"Loaded pattern {spec['name']!r} from {loaded.name}.")
+
+# 2. Weights, presets, hemisphere
+for roi in ROI_CATALOGUE:
+    st.session_state.setdefault(_wkey(roi), 1.0 if roi == "V1" else 0.0)
+left, right = st.columns([1, 1])
+with left:
+    st.selectbox("Preset (the paper's figures)", [CUSTOM] + list(PAPER_PRESETS), key="roi_preset",
+                 on_change=_on_preset)
+    hemisphere = st.radio("Hemisphere", list(_views.HEMISPHERES), key="roi_hemisphere", horizontal=True)
+    for label, group in GROUPS:
+        names = [r for r in group if r in available]
+        with st.expander(label, expanded=label.startswith("The paper")):
+            for roi in names:
+                spec = ROI_CATALOGUE[roi]
+                st.slider(f"{roi}: {spec.description}", -1.0, 2.0, step=0.1, key=_wkey(roi))
+weights = {r: float(st.session_state[_wkey(r)]) for r in available if st.session_state[_wkey(r)] != 0}
+
+# 3. Optional uploaded voxel vector (one subject)
+with left:
+    upload = st.file_uploader("...or upload a voxel vector (.npy, one value per voxel)", type=["npy"],
+                              key="roi_upload_npy")
+uploaded_vector = None
+if upload is not None:
+    if ctx.subject == _state.AVERAGE:
+        left.error("An uploaded vector belongs to one subject's voxels: choose a single subject in the sidebar.")
+    else:
+        s = subjects[0]
+        try:
+            uploaded_vector = _views.parse_pattern_npy(upload.getvalue(), subject_data[s].n_voxels)
+        except ValueError as err:
+            left.error(f"{upload.name}: {err}")
+        else:
+            left.success(f"Using {upload.name}: {uploaded_vector.shape[0]} voxels of subject {s} "
+                         "(the ROI weights are ignored while it is uploaded).")
+
+# 4. The pattern per subject
+patterns: dict[int, np.ndarray] = {}
+if uploaded_vector is not None:
+    patterns = {subjects[0]: uploaded_vector}
+    pattern_name = upload.name.rsplit(".", 1)[0]
+elif weights:
+    for s, d in subject_data.items():
+        hemi = _state.hemisphere_of_voxels(ctx.nsd_root, s)
+        patterns[s] = _views.restrict_to_hemisphere(d.synthetic_pattern(weights), hemi, hemisphere)
+    preset = st.session_state["roi_preset"]
+    base = preset if preset != CUSTOM and weights == dict(PAPER_PRESETS[preset]) else \
+        "+".join(f"{w:g}{r}" for r, w in weights.items())
+    pattern_name = base if hemisphere == "both" else f"{base} ({hemisphere})"
+
+with left.expander("Save this pattern", expanded=False):
+    if weights:
+        st.download_button("Save pattern JSON", _views.pattern_to_json(pattern_name if uploaded_vector is None
+                                                                        else "pattern", weights, hemisphere),
+                           file_name="roi_pattern.json", mime="application/json", key="roi_save_json")
+    else:
+        st.caption("Set at least one weight to save a pattern.")
+
+with right:
+    if not patterns:
+        st.info("Set at least one ROI weight (or choose a preset) to make a pattern.")
+        st.stop()
+    shown = subjects[0]
+    pat = patterns[shown]
+    n_active = int(np.count_nonzero(pat))
+    st.markdown(f"**Pattern `{pattern_name}`**: {n_active} of {pat.size} voxels active in subject {shown}"
+                + (f" (the average uses subjects {', '.join(map(str, subjects))})" if len(subjects) > 1 else ""))
+    if n_active == 0:
+        st.warning("No voxel of this subject lies in the chosen ROIs and hemisphere: the pattern is all zeros.")
+    vm = _state.vertex_map(ctx.nsd_root, shown)
+    if vm is not None:
+        maps = _views.pattern_on_surface(pat, vm["vertex_index"], vm["hemisphere"])
+        figs = _views.surface_figures(maps, title=f"subject {shown}")
+        cols = st.columns(2)
+        for col, hemi in zip(cols, ("left", "right")):
+            col.plotly_chart(figs[hemi], key=f"roi_surf_{hemi}")
+    else:
+        st.caption("No surface map for these data (real NSD voxels): showing the pattern in voxel space.")
+        st.plotly_chart(_views.voxel_figure(pat, subject_data[shown].voxel_ijk, title=f"subject {shown}"),
+                        key="roi_voxels")
+
+# 5. Generate ROI-optimal scenes
+st.divider()
+gen_left, gen_right = st.columns([1, 3])
+n_seeds = gen_left.slider("Scenes (seeds)", 1, 8, 4, key="roi_n_seeds")
+go = gen_left.button("Generate", type="primary", key="roi_generate",
+                     disabled=bool(patterns) and all(not np.any(p) for p in patterns.values()))
+digest = hashlib.sha256(b"".join(patterns[s].tobytes() for s in sorted(patterns))).hexdigest()
+result_key = (ctx.bundle_path, tuple(sorted(patterns)), pattern_name, digest, n_seeds, ctx.seed,
+              ctx.num_inference_steps)
+results = st.session_state.setdefault("roi_results", {})
+if go:
+    if bd.models.lock.locked():
+        gen_left.caption("Another generation is running; this one waits for it.")
+    bar = gen_right.progress(0.0, text="decoding features")
+
+    def on_progress(stage: str, step: int, total: int, _preview) -> None:
+        frac = 0.1 if stage == "stage1" else 0.1 + 0.9 * step / max(total, 1)
+        bar.progress(min(frac, 1.0), text=f"{stage}: step {step} of {total}")
+
+    try:
+        recs = bd.reconstruct_pattern(patterns, name=pattern_name, n_seeds=n_seeds, base_seed=ctx.seed,
+                                      callback=on_progress, num_inference_steps=ctx.num_inference_steps)
+    except (ValueError, RuntimeError) as err:
+        gen_right.error(f"Generation failed: {err}")
+    else:
+        bar.progress(1.0, text="done")
+        results.clear()  # keep only the latest set: images are large
+        results[result_key] = recs
+recs = results.get(result_key)
+if recs:
+    cols = gen_right.columns(min(len(recs), 4))
+    for i, rec in enumerate(recs):
+        with cols[i % len(cols)]:
+            st.image(rec.final if rec.final is not None else rec.stage1_upscaled,
+                     caption=f"seed {rec.seed}", width="stretch")
+            st.image(rec.stage1, caption="stage 1 (VDVAE)", width=96)
+    gen_right.caption(f"{len(recs)} scene(s) for `{pattern_name}` in {recs[0].timings['total']:.1f} s; "
+                      f"{recs[0].settings['denoising_steps']} denoising steps each.")

@@ -1,0 +1,361 @@
+"""The Streamlit app (app.py + pages/) driven by streamlit.testing.v1.AppTest on a small MiniNSD world and a
+tiny random-weight bundle fitted to its voxel counts (the real data and pipeline code paths, tiny models)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+TIMEOUT = 120  # pages import torch, diffusers and nilearn on a loaded 2-core machine
+STEPS = 4  # DDIM schedule in tests: strength 0.75 -> 3 denoising steps
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """(bundle folder, world root): a 2-subject world (12 test images) and a tiny bundle for both subjects."""
+    from brain_diffuser_core.bundle import SubjectDecoders, load_bundle, save_bundle
+    from brain_diffuser_core.config import FEATURE_NAMES
+    from brain_diffuser_core.nsd import load_subject
+    from brain_diffuser_core.tiny_bundle import make_tiny_bundle
+    from brain_diffuser_core.world.build import build_world
+
+    tmp = tmp_path_factory.mktemp("app")
+    info = build_world(tmp / "world", n_train=40, n_test=6, subjects=(1, 2))
+    cache = tmp / "cache"
+    n_vox = {s: load_subject(info.root, s, cache_dir=cache, progress=False).n_voxels for s in (1, 2)}
+    models = tmp / "models"
+    main = make_tiny_bundle(tmp / "bundle", subjects=(1,), n_voxels=n_vox[1] - 1, models_folder=models)
+    other = load_bundle(make_tiny_bundle(tmp / "bundle2", subjects=(2,), n_voxels=n_vox[2] - 2, models_folder=models))
+    b = load_bundle(main)
+    entry = SubjectDecoders(n_voxels=n_vox[2], mask_sha256="tiny-2",
+                            decoders={f: other.decoder(2, f) for f in FEATURE_NAMES},
+                            train_feature_norm={f: other.train_feature_norm(2, f) for f in FEATURE_NAMES})
+    save_bundle(main, {2: entry}, feature_shapes={f: b.feature_shape(f) for f in FEATURE_NAMES}, models=b.manifest["models"],
+                update=True)
+    return str(main), str(info.root), str(cache)
+
+
+@pytest.fixture
+def app(sources, monkeypatch):
+    bundle, world, cache = sources
+    monkeypatch.setenv("BRAIN_DIFFUSER_CACHE", str(Path(cache).parent / "bde-cache"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["bundle_source"] = "folder"
+    at.session_state["bundle_folder"] = bundle
+    at.session_state["nsd_root_folder"] = world
+    at.session_state["num_inference_steps"] = STEPS
+    return at
+
+
+def _errors(at) -> list[str]:
+    return [e.value for e in at.error] + [str(e.value) for e in at.exception]
+
+
+# ------------------------------------------------------------------------------------------------ frame
+def test_frame_rejects_bad_bundle_folders(app, tmp_path):
+    app.session_state["bundle_folder"] = str(tmp_path / "nope")
+    app.run()
+    assert not app.exception
+    assert any("does not exist" in e.value for e in app.sidebar.error)
+    app.sidebar.text_input(key="bundle_folder").set_value(str(tmp_path)).run()
+    assert any("manifest.json" in e.value for e in app.sidebar.error), [e.value for e in app.sidebar.error] + [str(x.value) for x in app.exception]
+    (tmp_path / "manifest.json").write_text("{not json")
+    app.run()
+    assert any("not valid JSON" in e.value for e in app.sidebar.error)
+
+
+def test_frame_sidebar_and_average_only_where_it_applies(app, sources):
+    app.run()
+    assert not _errors(app), _errors(app)
+    subject = app.sidebar.selectbox(key="subject")
+    assert subject.options == ["subject 1", "subject 2", "average of all subjects"]
+    assert any("Running on **cpu**" in c.value for c in app.sidebar.caption)
+    ctx = app.session_state["app_context"]
+    assert ctx.bundle_path == str(Path(sources[0]).resolve()) and ctx.num_inference_steps == STEPS
+    app.switch_page("pages/browse.py").run()
+    assert not _errors(app), _errors(app)
+    assert app.sidebar.selectbox(key="subject").options == ["subject 1", "subject 2"]
+
+
+def test_frame_demo_is_the_default_and_shows_its_note(sources, monkeypatch):
+    from pages import _state
+
+    bundle, world, cache = sources
+    monkeypatch.setenv("BRAIN_DIFFUSER_CACHE", str(Path(cache).parent / "bde-cache"))
+    monkeypatch.setattr(_state, "demo_sources", lambda: (bundle, world, "demo models are untrained (test)"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["num_inference_steps"] = STEPS
+    at.run()
+    assert not _errors(at), _errors(at)
+    assert at.sidebar.radio(key="bundle_source").value == "demo"
+    assert [w.value for w in at.sidebar.warning] == ["demo models are untrained (test)"]
+    assert at.session_state["app_context"].nsd_root == world
+
+
+def test_demo_sources_uses_the_world_and_the_demo_bundle(sources, monkeypatch):
+    """The body of demo_sources with the slow builders replaced by the fixture's world and bundle."""
+    import brain_diffuser_core.world.build as build
+    import brain_diffuser_core.world.demo as demo
+    from pages import _state
+
+    bundle, world, _ = sources
+    calls = []
+    monkeypatch.setattr(build, "ensure_world", lambda: Path(world))
+    monkeypatch.setattr(demo, "ensure_demo_bundle", lambda world_root: calls.append(world_root) or Path(bundle))
+    _state.demo_sources.clear()
+    try:
+        got = _state.demo_sources()
+    finally:
+        _state.demo_sources.clear()
+    assert got == (str(Path(bundle).resolve()), str(Path(world).resolve()), "")  # tiny bundle: no untrained flag
+    assert calls == [Path(world).resolve()]
+
+
+# ------------------------------------------------------------------------------------------------ ROI designer
+def test_roi_designer_preset_surface_and_generate(app):
+    from brain_diffuser_core.config import PAPER
+
+    app.run()
+    assert not _errors(app), _errors(app)
+    assert app.title[0].value == "ROI designer"
+    app.selectbox(key="roi_preset").set_value("V1-V4+faces").run()
+    assert app.slider(key="roi_w_faces").value == 1.0 and app.slider(key="roi_w_V2").value == 1.0
+    assert app.slider(key="roi_w_places").value == 0.0
+    assert any("V1-V4+faces" in m.value for m in app.markdown)
+    # the world has a vertex map: both hemispheres on fsaverage5
+    assert len(app.get("plotly_chart")) == 2
+    app.slider(key="roi_n_seeds").set_value(2).run()
+    app.button(key="roi_generate").click().run()
+    assert not _errors(app), _errors(app)
+    recs = next(iter(app.session_state["roi_results"].values()))
+    assert len(recs) == 2 and recs[0].seed != recs[1].seed
+    assert recs[0].settings["num_inference_steps"] == STEPS
+    assert recs[0].settings["strength"] == PAPER.stage2.strength
+    captions = [c for img in app.get("image") for c in img.captions]
+    assert [c for c in captions if c.startswith("seed ")] == [f"seed {r.seed}" for r in recs]
+    assert any("2 scene(s)" in c.value for c in app.caption)
+
+
+def test_roi_designer_average_and_hemisphere(app):
+    app.run()
+    app.sidebar.selectbox(key="subject").set_value("average").run()
+    assert not _errors(app), _errors(app)
+    assert any("subjects 1, 2" in m.value for m in app.markdown)
+    text = [m.value for m in app.markdown if "voxels active" in m.value][0]
+    n_both = int(text.split("**: ")[1].split(" of ")[0])
+    app.radio(key="roi_hemisphere").set_value("left").run()
+    text = [m.value for m in app.markdown if "voxels active" in m.value][0]
+    n_left = int(text.split("**: ")[1].split(" of ")[0])
+    assert 0 < n_left < n_both
+
+
+def _npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def test_roi_designer_upload_errors_and_valid_vector(app, sources):
+    from brain_diffuser_core.nsd import load_subject
+
+    n_vox = load_subject(sources[1], 1, cache_dir=sources[2], progress=False).n_voxels
+    app.run()
+    cases = [
+        (_npy(np.zeros(n_vox + 3, np.float32)), f"shape ({n_vox},)"),
+        (_npy(np.full(n_vox, np.nan)), "NaN/inf"),
+        (b"hello, this is not numpy", "could not be read"),
+        (_npy(np.array(["a"] * n_vox)), "must be numeric"),
+    ]
+    for data, message in cases:
+        app.file_uploader(key="roi_upload_npy").set_value(("v.npy", data, "application/octet-stream")).run()
+        assert any(message in e.value for e in app.error), (message, [e.value for e in app.error])
+    good = np.zeros(n_vox, np.float32)
+    good[:50] = 1.0
+    app.file_uploader(key="roi_upload_npy").set_value(("mine.npy", _npy(good), "application/octet-stream")).run()
+    assert not _errors(app), _errors(app)
+    assert any("50 of" in m.value and "`mine`" in m.value for m in app.markdown)
+    # an uploaded vector belongs to one subject: the average refuses it
+    app.sidebar.selectbox(key="subject").set_value("average").run()
+    assert any("choose a single subject" in e.value for e in app.error)
+
+
+def test_roi_designer_loads_a_pattern_json(app):
+    from pages._views import pattern_to_json
+
+    app.run()
+    text = pattern_to_json("mine", {"places": 1.5, "ecc1": 0.5}, "right")
+    app.file_uploader(key="roi_load_json").set_value(("p.json", text.encode(), "application/json")).run()
+    assert not _errors(app), _errors(app)
+    assert app.slider(key="roi_w_places").value == 1.5 and app.slider(key="roi_w_V1").value == 0.0
+    assert app.radio(key="roi_hemisphere").value == "right"
+    bad = json.dumps({"format": "brain-diffuser-explorer/roi-pattern", "weights": {"V9": 1}})
+    app.file_uploader(key="roi_load_json").set_value(("bad.json", bad.encode(), "application/json")).run()
+    assert any("V9" in e.value for e in app.error)
+
+
+# ------------------------------------------------------------------------------------------------ browse
+def test_browse_caption_search_reconstruct_and_cache(app, sources):
+    from brain_diffuser_core.nsd import load_subject
+
+    subj = load_subject(sources[1], 1, cache_dir=sources[2], progress=False)
+    app.run()
+    app.switch_page("pages/browse.py").run()
+    assert not _errors(app), _errors(app)
+    test_ids = [int(i) for i in subj.test_image_ids]
+    assert app.number_input(key="browse_index").value == 0
+    assert f"73k id {test_ids[0]}" in [c for img in app.get("image") for c in img.captions][0]
+    app.radio(key="browse_pick").set_value("73k id").run()
+    app.selectbox(key="browse_id").set_value(test_ids[4]).run()
+    assert f"73k id {test_ids[4]}" in [c for img in app.get("image") for c in img.captions][0]
+    assert [c.value for c in app.caption if c.value.startswith("- ")] == [f"- {c}" for c in subj.captions(test_ids[4])]
+    app.radio(key="browse_pick").set_value("caption search").run()
+    target = int(subj.test_image_ids[2])
+    word = max(subj.captions(target)[0].split(), key=len)
+    app.text_input(key="browse_query").set_value(word).run()
+    match = app.selectbox(key="browse_match")
+    expected = [int(i) for i in subj.test_image_ids if any(word.lower() in c.lower() for c in subj.captions(int(i)))]
+    assert [int(o.split(":")[0]) for o in match.options] == expected and target in expected
+    match.set_value(target).run()
+    app.button(key="browse_run").click().run()
+    assert not _errors(app), _errors(app)
+    (key, rec), = app.session_state["browse_results"].items()
+    assert key[2] == target and rec.final is not None
+    assert {d.label for d in app.get("download_button")} == {"Download stage 1 (PNG)", "Download final (PNG)"}
+    assert [c for img in app.get("image") for c in img.captions][-1] == f"final (seed {rec.seed})"
+    app.run()
+    assert app.button(key="browse_run").disabled  # cached: a rerun does not reconstruct again
+    # the cached result is the pipeline's own answer for that trial and seed
+    from pages._state import diffuser
+
+    row = list(subj.test_image_ids).index(target)
+    again = diffuser(key[0], "auto").reconstruct(subj.test_fmri[row:row + 1], 1, image_ids=[target],
+                                                 num_inference_steps=STEPS)[0]
+    np.testing.assert_array_equal(again.stage1, rec.stage1)
+
+
+# ------------------------------------------------------------------------------------------------ walkthrough
+def test_walkthrough_runs_every_step_with_slider_settings(app):
+    app.run()
+    app.switch_page("pages/walkthrough.py").run()
+    assert not _errors(app), _errors(app)
+    assert app.slider(key="walk_strength").value == pytest.approx(0.75)
+    app.slider(key="walk_guidance").set_value(3.0).run()
+    app.button(key="walk_run").click().run()
+    assert not _errors(app), _errors(app)
+    headers = [h.value for h in app.header]
+    assert headers == ["1. The fMRI pattern", "2. Predicted VDVAE latents -> stage 1", "3. Predicted CLIP features",
+                       "4. Diffusion steps", "5. Final reconstruction"]
+    (rec, previews), = app.session_state["walk_results"].values()
+    assert rec.settings["guidance_scale"] == 3.0 and rec.settings["denoising_steps"] == int(STEPS * 0.75)
+    assert len(previews) >= 1
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def test_parse_pattern_npy_rules():
+    from pages._views import parse_pattern_npy
+
+    np.testing.assert_array_equal(parse_pattern_npy(_npy(np.arange(5)[None]), 5), np.arange(5, dtype=np.float32))
+    with pytest.raises(ValueError, match="at most"):
+        parse_pattern_npy(_npy(np.zeros(1000)), 1000, max_bytes=100)
+    with pytest.raises(ValueError, match=r"shape \(5,\); shape \(2, 5\)"):
+        parse_pattern_npy(_npy(np.zeros((2, 5))), 5)
+    with pytest.raises(ValueError, match="1 NaN/inf values \\(first at index 3\\)"):
+        parse_pattern_npy(_npy(np.array([0, 1, 2, np.inf, 4.0])), 5)
+    with pytest.raises(ValueError, match="could not be read"):
+        parse_pattern_npy(_npy(np.array([{"a": 1}], dtype=object)), 1)  # needs pickle: refused
+
+
+def test_pattern_json_roundtrip_and_surface_projection():
+    from pages._views import pattern_from_json, pattern_on_surface, pattern_to_json
+
+    spec = pattern_from_json(pattern_to_json("x", {"V1": 1, "faces": -0.5}, "left"), ["V1", "faces"])
+    assert spec == {"name": "x", "weights": {"V1": 1.0, "faces": -0.5}, "hemisphere": "left"}
+    with pytest.raises(ValueError, match="finite number"):
+        pattern_from_json(json.dumps({"format": "brain-diffuser-explorer/roi-pattern", "weights": {"V1": "a"}}), ["V1"])
+    maps = pattern_on_surface(np.array([1.0, 3.0, 5.0], np.float32), np.array([7, 7, 2]),
+                              np.array(["left", "left", "right"]), n_vertices=10)
+    assert maps["left"][7] == 2.0 and maps["right"][2] == 5.0 and maps["left"].sum() == 2.0
+
+
+# ------------------------------------------------------------------------------------------------ real server
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _session(port: int, page_name: str) -> dict:
+    """One browser-less session over the server's websocket: rerun at ``page_name``, collect until finished."""
+    import asyncio
+
+    import websockets
+    from streamlit.proto.BackMsg_pb2 import BackMsg
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    async with websockets.connect(f"ws://127.0.0.1:{port}/_stcore/stream", max_size=2**28) as ws:
+        msg = BackMsg()
+        msg.rerun_script.page_name = page_name
+        await ws.send(msg.SerializeToString())
+        out = {"texts": [], "exceptions": []}
+        while True:
+            fm = ForwardMsg()
+            fm.ParseFromString(await asyncio.wait_for(ws.recv(), timeout=TIMEOUT))
+            kind = fm.WhichOneof("type")
+            if kind == "delta" and fm.delta.WhichOneof("type") == "new_element":
+                el = fm.delta.new_element
+                which = el.WhichOneof("type")
+                if which == "exception":
+                    out["exceptions"].append(el.exception.message)
+                elif which in ("heading", "alert"):
+                    out["texts"].append(getattr(el, which).body)
+            if kind == "script_finished":
+                out["status"] = fm.script_finished
+                return out
+
+
+def test_real_server_serves_every_page(sources, tmp_path):
+    """`streamlit run app.py` as `make run` starts it; each page's first run in a fresh session has no error
+    (this also covers Streamlit's legacy pages/-folder mode, which applies to a process's first run)."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    bundle, world, _ = sources
+    port = _free_port()
+    env = dict(os.environ, BRAIN_DIFFUSER_BUNDLE=bundle, BRAIN_DIFFUSER_NSD_ROOT=world,
+               BRAIN_DIFFUSER_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    assert r.read() == b"ok"
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.5)
+        for page_name, title in (("", "ROI designer"), ("trials", "Browse test trials"),
+                                 ("step-by-step", "Walkthrough")):
+            got = asyncio.run(_session(port, page_name))
+            assert got["exceptions"] == [], (page_name, got["exceptions"])
+            assert got["texts"][:2] == ["Brain-Diffuser Explorer", title], (page_name, got["texts"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
