@@ -19,7 +19,10 @@
 5. writes the bundle atomically to ``<cache>/demo-bundle`` with a stamp (``demo.json``): the bundle is rebuilt
    when the world's files, the models' checksums, the subjects or :data:`DEMO_FORMAT_VERSION` change.
 
-With the untrained tiny models the whole build (world present) takes well under 2 minutes on 2 CPU cores.
+With the untrained tiny models the whole build takes about 50 s after the world (about 12 s) on this project's
+2-core machines with one torch thread (``benchmarks/demo_latency.py --threads 1``). On a machine whose cores are
+already busy, two torch threads are several times slower than one (oversubscription): set
+``torch.set_num_threads(1)`` there.
 """
 from __future__ import annotations
 
@@ -63,9 +66,9 @@ UNTRAINED_KEY = "untrained_random_demo_models"
 NOT_TRAINED_MESSAGE = "demo models not trained yet: run `python -m brain_diffuser_core world train`"
 STAMP_FILE = "demo.json"
 #: ridge alphas tried per feature (exact leave-one-out on the first subject)
-ALPHA_GRID: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5, 1e6)
+ALPHA_GRID: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
 #: target columns sampled to score the alphas, and train rows for the leave-one-out rescaling statistics
-_ALPHA_COLUMNS = 512
+_ALPHA_COLUMNS = 256
 _LOO_ROWS = 512
 
 ProgressFn = Callable[[str, int, int], None]
@@ -140,7 +143,7 @@ def _choose_alphas(subject, store) -> tuple[dict[str, float], dict[str, dict[str
     from ..ridge import choose_alpha, factorise
 
     ids = np.asarray(subject.train_image_ids, np.int64)
-    fact = factorise(np.asarray(subject.train_fmri, np.float32), backend="numpy")
+    fact = factorise(np.asarray(subject.train_fmri, np.float32), backend="auto")
     alphas, scores = {}, {}
     for name in FEATURE_NAMES:
         n_cols = int(np.prod(store.shape(name)))
@@ -260,7 +263,7 @@ def _build(bundle_dir: Path, cache: Path, world_root: Path, models_dir: Path, tr
         vdvae = load_vdvae(vdvae_path, device=device)
         clip = ClipFeatureExtractor.from_pretrained(vd_path, device=device)
         for s in subjects:
-            extract_features(subs[s], feats_dir, vdvae=vdvae, clip=clip, batch_size=64, dtype="float32")
+            extract_features(subs[s], feats_dir, vdvae=vdvae, clip=clip, batch_size=64, dtype="float16")
     store = FeatureStore(feats_dir)
     tick("demo: features extracted")
 
@@ -275,7 +278,7 @@ def _build(bundle_dir: Path, cache: Path, world_root: Path, models_dir: Path, tr
     with atomic_dir(bundle_dir) as tmp:
         for s in subjects:
             fit_subject_bundle(subs[s], store, tmp, alphas=alphas, models=models, dtype="float16",
-                               backend="numpy", loo_stats=_LOO_ROWS)
+                               backend="auto", loo_stats=_LOO_ROWS)
             tick(f"demo: subject {s} fitted")
         stamp = dict(want, models_trained=trained, models_dir=str(models_dir.resolve()), world_root=str(world_root),
                      world_params=params, alphas=alphas, alpha_loo_r2=scores,

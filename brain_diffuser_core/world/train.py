@@ -26,15 +26,15 @@ Outputs (the layouts the normal loaders read): ``<out>/vdvae.safetensors`` + ``v
 :func:`~brain_diffuser_core.diffusion.load_versatile_diffusion`, ``ClipFeatureExtractor.from_pretrained``) and
 ``<out>/training.json`` (steps, final losses, seconds per stage). About 3 MB of weights in all.
 
-Expected time on 2 CPU cores (``torch.set_num_threads(2)``), default steps (:data:`DEFAULT_STEPS`): clip about
-0.15 s a step, vdvae about 0.25 s, vae about 0.05 s, unet about 0.3 s: roughly 60-80 minutes in all; a GPU
-does it in minutes. ``--minutes M`` caps the whole run (each stage gets a share, :data:`TIME_SHARE`) and a
-rerun resumes from the checkpoints (``--work``, default ``<cache>/demo-training``).
+Expected time on 2 CPU cores, default steps (:data:`DEFAULT_STEPS`): measured here with one thread on a busy
+shared machine, a step took about 0.45 s (clip, batch 64), 0.85 s (vdvae, batch 16), 0.1 s (vae, batch 32) and
+0.5 s (unet, batch 32); with 2 free cores expect roughly 0.25 / 0.5 / 0.06 / 0.3 s, i.e. about 1.5 hours in
+all (MININSD-PROBE: 32 px models learn categories in 25-100 min). ``--minutes M`` caps the whole run (each stage
+gets the share :data:`TIME_SHARE`); a rerun resumes from the checkpoints (``--work``, default
+``<cache>/demo-training``, written every 200 steps and on Ctrl-C). A GPU (``device="cuda"``) does it in minutes.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -59,14 +59,12 @@ __all__ = [
     "train_unet",
     "train_demo_models",
     "parse_steps",
-    "add_train_arguments",
-    "run_train",
 ]
 
 STAGES: tuple[str, ...] = ("clip", "vdvae", "vae", "unet")
-DEFAULT_STEPS: dict[str, int] = {"clip": 3000, "vdvae": 6000, "vae": 1500, "unet": 8000}
+DEFAULT_STEPS: dict[str, int] = {"clip": 3000, "vdvae": 4000, "vae": 1500, "unet": 8000}
 #: share of ``minutes`` each stage may use
-TIME_SHARE: dict[str, float] = {"clip": 0.15, "vdvae": 0.3, "vae": 0.05, "unet": 0.5}
+TIME_SHARE: dict[str, float] = {"clip": 0.15, "vdvae": 0.35, "vae": 0.03, "unet": 0.47}
 BATCH: dict[str, int] = {"clip": 64, "vdvae": 16, "vae": 32, "unet": 32}
 LR: dict[str, float] = {"clip": 5e-4, "vdvae": 3e-4, "vae": 1e-3, "unet": 5e-4}
 #: fraction of items trained with the unconditional condition (classifier-free guidance)
@@ -74,6 +72,8 @@ COND_DROP = 0.1
 _VAE_KL_WEIGHT = 1e-4
 _VDVAE_GRAD_CLIP = 200.0
 _GRAD_CLIP = 1.0
+#: moving-average decay of the UNet weights that are exported (as the feasibility probe trained)
+EMA_DECAY = 0.999
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -116,25 +116,52 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ the loop
 class _Loop:
-    """Resumable optimisation loop: checkpoint ``<work>/<name>.pt`` (weights-only torch file)."""
+    """Resumable optimisation loop: checkpoint ``<work>/<name>.pt`` (weights-only torch file).
 
-    def __init__(self, name: str, module: torch.nn.Module, work: Path, lr: float, checkpoint_every: int):
+    With ``ema_decay`` it also keeps an exponential moving average of the trained parameters (decay warmed up
+    as ``min(decay, (1 + step) / (10 + step))``), checkpointed with the rest; :meth:`apply_ema` copies it in.
+    """
+
+    def __init__(self, name: str, module: torch.nn.Module, work: Path, lr: float, checkpoint_every: int,
+                 ema_decay: float | None = None):
         self.name, self.module, self.work = name, module, Path(work)
         self.opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         self.step, self.losses = 0, []
         self.checkpoint_every = int(checkpoint_every)
+        self.ema_decay = ema_decay
         self.path = self.work / f"{name}.pt"
         if self.path.is_file():
             state = torch.load(self.path, map_location="cpu", weights_only=True)
             module.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optim"])
             self.step, self.losses = int(state["step"]), list(state["losses"])
+        self.ema: dict[str, torch.Tensor] = {}
+        if ema_decay is not None:
+            saved = state.get("ema", {}) if self.path.is_file() else {}
+            self.ema = {n: (saved[n].to(p.device) if n in saved else p.detach().clone())
+                        for n, p in module.named_parameters() if p.requires_grad}
 
     def save(self) -> None:
         state = {"model": self.module.state_dict(), "optim": self.opt.state_dict(), "step": self.step,
                  "losses": self.losses}
+        if self.ema:
+            state["ema"] = {n: t.cpu() for n, t in self.ema.items()}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(float(self.ema_decay), (1.0 + self.step) / (10.0 + self.step))
+        for n, p in self.module.named_parameters():
+            if n in self.ema:
+                self.ema[n].lerp_(p.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def apply_ema(self) -> None:
+        """Copy the moving average into the module's parameters (no-op without ``ema_decay``)."""
+        for n, p in self.module.named_parameters():
+            if n in self.ema:
+                p.copy_(self.ema[n])
 
     def run(self, loss_fn: Callable[[int], torch.Tensor], steps: int, deadline: float | None, progress: bool,
             clip: float = _GRAD_CLIP) -> list[float]:
@@ -155,6 +182,8 @@ class _Loop:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
                 self.opt.step()
+                if self.ema:
+                    self._update_ema()
                 self.step += 1
                 value = float(loss.detach())
                 new.append(value)
@@ -191,13 +220,14 @@ def _clip_model(seed: int):
 
 def train_clip(images: np.ndarray, captions: Sequence[Sequence[str]], tokenizer, processor, work: str | Path, *,
                steps: int = DEFAULT_STEPS["clip"], minutes: float | None = None, batch_size: int = BATCH["clip"],
-               lr: float = LR["clip"], seed: int = 0, checkpoint_every: int = 200, progress: bool = True):
+               lr: float = LR["clip"], seed: int = 0, checkpoint_every: int = 200, progress: bool = True,
+               device: str | torch.device = "cpu"):
     """Contrastive training of a tiny ``CLIPModel`` on (image, random caption of it) pairs.
 
     images : uint8 (n, H, W, 3) train images; captions : n lists of captions; tokenizer / processor: the
     CLIP tokenizer and image processor written into the VD folder. Returns ``(model, losses)``.
     """
-    model = _clip_model(seed)
+    model = _clip_model(seed).to(device)
     pixels = processor(images=list(images), return_tensors="pt").pixel_values  # (n, 3, 32, 32), once
     loop = _Loop("clip", model, Path(work), lr, checkpoint_every)
     n = len(images)
@@ -207,16 +237,17 @@ def train_clip(images: np.ndarray, captions: Sequence[Sequence[str]], tokenizer,
         idx = rng.choice(n, size=min(batch_size, n), replace=False)
         texts = [captions[i][int(rng.integers(len(captions[i])))] for i in idx]
         ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        out = model(input_ids=ids, pixel_values=pixels[idx], return_loss=True)
+        out = model(input_ids=ids.to(device), pixel_values=pixels[idx].to(device), return_loss=True)
         return out.loss
 
     losses = loop.run(loss_fn, steps, _deadline(minutes), progress)
-    return model.eval(), losses
+    return model.cpu().eval(), losses
 
 
 def _towers_from(model, seed: int):
     """CLIPTextModelWithProjection / CLIPVisionModelWithProjection holding ``model``'s trained weights."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
 
     from ..tiny_models import vd_configs
 
@@ -233,7 +264,7 @@ def _towers_from(model, seed: int):
 # ----------------------------------------------------------------------------------------------- VDVAE
 def train_vdvae(images: np.ndarray, work: str | Path, *, steps: int = DEFAULT_STEPS["vdvae"],
                 minutes: float | None = None, batch_size: int = BATCH["vdvae"], lr: float = LR["vdvae"],
-                seed: int = 0, checkpoint_every: int = 200, progress: bool = True):
+                seed: int = 0, checkpoint_every: int = 200, progress: bool = True, device: str | torch.device = "cpu"):
     """ELBO training of ``VDVAE(VDVAEConfig.tiny(S))`` with S the images' side (32 or 64).
 
     Returns ``(model, losses)``; losses are the ELBO in nats per sub-pixel.
@@ -241,7 +272,7 @@ def train_vdvae(images: np.ndarray, work: str | Path, *, steps: int = DEFAULT_ST
     from ..features.vdvae import VDVAE, VDVAEConfig
 
     torch.manual_seed(seed)
-    model = VDVAE(VDVAEConfig.tiny(int(images.shape[1])))
+    model = VDVAE(VDVAEConfig.tiny(int(images.shape[1]))).to(device)
     data = torch.as_tensor(images)
     loop = _Loop("vdvae", model, Path(work), lr, checkpoint_every)
 
@@ -252,13 +283,13 @@ def train_vdvae(images: np.ndarray, work: str | Path, *, steps: int = DEFAULT_ST
         return model(data[idx], generator=gen)["elbo"]
 
     losses = loop.run(loss_fn, steps, _deadline(minutes), progress, clip=_VDVAE_GRAD_CLIP)
-    return model.eval(), losses
+    return model.cpu().eval(), losses
 
 
 # ------------------------------------------------------------------------------------------------- VAE
 def train_vae(images: np.ndarray, vae, work: str | Path, *, steps: int = DEFAULT_STEPS["vae"],
               minutes: float | None = None, batch_size: int = BATCH["vae"], lr: float = LR["vae"], seed: int = 0,
-              checkpoint_every: int = 200, progress: bool = True):
+              checkpoint_every: int = 200, progress: bool = True, device: str | torch.device = "cpu"):
     """Train the tiny ``AutoencoderKL`` ``vae`` as a near-identity autoencoder at its ``sample_size``.
 
     Loss: MSE of the reconstruction of a posterior sample + ``1e-4`` x KL. Afterwards its config's
@@ -266,12 +297,13 @@ def train_vae(images: np.ndarray, vae, work: str | Path, *, steps: int = DEFAULT
     """
     size = int(vae.config.sample_size)
     data = _resize(images, size)
+    vae.to(device)
     loop = _Loop("vae", vae, Path(work), lr, checkpoint_every)
 
     def loss_fn(step: int) -> torch.Tensor:
         rng = np.random.default_rng(seed_for("train-vae", step, base_seed=seed))
         idx = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
-        x = data[idx]
+        x = data[idx].to(device)
         post = vae.encode(x).latent_dist
         gen = torch.Generator().manual_seed(seed_for("train-vae-noise", step, base_seed=seed))
         rec = vae.decode(post.sample(generator=gen)).sample
@@ -279,9 +311,10 @@ def train_vae(images: np.ndarray, vae, work: str | Path, *, steps: int = DEFAULT
 
     losses = loop.run(loss_fn, steps, _deadline(minutes), progress)
     with torch.no_grad():
-        means = torch.cat([vae.encode(data[s:s + 256]).latent_dist.mean for s in range(0, len(data), 256)])
+        means = torch.cat([vae.encode(data[s:s + 256].to(device)).latent_dist.mean.cpu()
+                           for s in range(0, len(data), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / means.std().clamp_min(1e-6)))
-    return vae.eval(), losses
+    return vae.cpu().eval(), losses
 
 
 # ------------------------------------------------------------------------------------------------ UNet
@@ -330,21 +363,23 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, text: np.nda
                uncond_text: np.ndarray, uncond_vision: np.ndarray, image_unet, text_unet, scheduler,
                work: str | Path, *, steps: int = DEFAULT_STEPS["unet"], minutes: float | None = None,
                batch_size: int = BATCH["unet"], lr: float = LR["unet"], seed: int = 0, checkpoint_every: int = 200,
-               progress: bool = True):
+               progress: bool = True, device: str | torch.device = "cpu"):
     """Train the dual-guided image UNet (plus the text UNet's transformer blocks) to predict noise.
 
     latent_mean, latent_std : (n, 4, h, w) scaled VAE posterior of the train images (already x scaling factor).
     text, vision : (n, 77, D), (n, 257, D) VD-normalised CLIP conditions of the same images.
     uncond_text, uncond_vision : (77, D), (257, D) unconditional embeddings (used for ``COND_DROP`` of items).
     scheduler : the VD DDIM scheduler (its ``alphas_cumprod`` define the forward process).
-    Returns ``(image_unet, text_unet, losses)`` with the image UNet in its plain (unconverted) layout.
+    Returns ``(image_unet, text_unet, losses)`` with the image UNet in its plain (unconverted) layout and the
+    weights replaced by their moving average (:data:`EMA_DECAY`).
     """
     net = _DualUNet(image_unet, text_unet)
     # the text UNet's own resnets never run in dual guidance: train only its transformer blocks
     for name, p in text_unet.named_parameters():
         p.requires_grad_(".attentions." in name)
     net.dual()
-    loop = _Loop("unet", net, Path(work), lr, checkpoint_every)
+    net.to(device)
+    loop = _Loop("unet", net, Path(work), lr, checkpoint_every, ema_decay=EMA_DECAY)
     acp = scheduler.alphas_cumprod.float()
     n_t = int(scheduler.config.num_train_timesteps)
     text_t, vision_t = torch.as_tensor(text).float(), torch.as_tensor(vision).float()
@@ -361,14 +396,15 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, text: np.nda
         drop = (torch.rand(len(idx), generator=g) < COND_DROP).view(-1, 1, 1)
         tx = torch.where(drop, ut.expand_as(text_t[idx]), text_t[idx])
         vx = torch.where(drop, uv.expand_as(vision_t[idx]), vision_t[idx])
-        pred = net(noisy, t, torch.cat([tx, vx], dim=1))
-        return F.mse_loss(pred, eps)
+        pred = net(noisy.to(device), t.to(device), torch.cat([tx, vx], dim=1).to(device))
+        return F.mse_loss(pred, eps.to(device))
 
     losses = loop.run(loss_fn, steps, _deadline(minutes), progress)
+    loop.apply_ema()  # export the moving average (the raw weights stay in the checkpoint for resuming)
     _unconvert(image_unet)
     for p in text_unet.parameters():
         p.requires_grad_(True)
-    return image_unet.eval(), text_unet.eval(), losses
+    return image_unet.cpu().eval(), text_unet.cpu().eval(), losses
 
 
 # ----------------------------------------------------------------------------------------- the whole run
@@ -402,6 +438,7 @@ def train_demo_models(
     seed: int = 0,
     progress: bool = True,
     threads: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Train the four stages on the world's train images and write the demo models to ``out``.
 
@@ -413,6 +450,7 @@ def train_demo_models(
     steps : stage -> total optimisation steps (default :data:`DEFAULT_STEPS`; 0 keeps a stage untrained).
     minutes : wall-clock cap of the whole run, shared by the stages as :data:`TIME_SHARE`.
     threads : torch threads (default: leave as set).
+    device : where the models train ("cpu", "cuda", ...); the exported weights are float32 CPU tensors.
     Returns ``out``.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -454,7 +492,8 @@ def train_demo_models(
     # 2. CLIP
     t0 = time.perf_counter()
     clip_model, losses = train_clip(images, captions, tokenizer, processor, work, steps=steps["clip"],
-                                    minutes=_stage_minutes(minutes, "clip"), seed=seed, progress=progress)
+                                    minutes=_stage_minutes(minutes, "clip"), seed=seed, progress=progress,
+                                    device=device)
     text_tower, vision_tower = _towers_from(clip_model, seed)
     text_tower.save_pretrained(stage_vd / "text_encoder", safe_serialization=True)
     vision_tower.save_pretrained(stage_vd / "image_encoder", safe_serialization=True)
@@ -463,34 +502,37 @@ def train_demo_models(
     # 3. VDVAE at the world's resolution
     t0 = time.perf_counter()
     vdvae, losses = train_vdvae(images, work, steps=steps["vdvae"], minutes=_stage_minutes(minutes, "vdvae"),
-                                seed=seed, progress=progress)
+                                seed=seed, progress=progress, device=device)
     done("vdvae", t0, losses, _ckpt_losses(work, "vdvae"))
 
     # 4. VAE of Versatile Diffusion
     t0 = time.perf_counter()
     vae = AutoencoderKL.from_pretrained(stage_vd, subfolder="vae", low_cpu_mem_usage=False)
     vae, losses = train_vae(images, vae, work, steps=steps["vae"], minutes=_stage_minutes(minutes, "vae"),
-                            seed=seed, progress=progress)
+                            seed=seed, progress=progress, device=device)
     vae.save_pretrained(stage_vd / "vae", safe_serialization=True)
     done("vae", t0, losses, _ckpt_losses(work, "vae"))
 
     # 5. UNet on the trained CLIP's conditions and the trained VAE's latents
     t0 = time.perf_counter()
-    clip = ClipFeatureExtractor(tokenizer, text_tower, vision_tower, processor)
+    clip = ClipFeatureExtractor(tokenizer, text_tower, vision_tower, processor, device=device)
     with torch.no_grad():
         text = clip.text_embeddings_batch(captions)
         vision = clip.vision_embeddings(images, batch_size=256)
         x = _resize(images, int(vae.config.sample_size))
-        dists = [vae.encode(x[s:s + 256]).latent_dist for s in range(0, len(x), 256)]
+        vae.to(device)
+        dists = [vae.encode(x[s:s + 256].to(device)).latent_dist for s in range(0, len(x), 256)]
         sf = float(vae.config.scaling_factor)
-        mean = torch.cat([d.mean for d in dists]) * sf
-        std = torch.cat([d.std for d in dists]) * sf
+        mean = torch.cat([d.mean.cpu() for d in dists]) * sf
+        std = torch.cat([d.std.cpu() for d in dists]) * sf
+        vae.cpu()
     image_unet = UNet2DConditionModel.from_pretrained(stage_vd, subfolder="image_unet", low_cpu_mem_usage=False)
     text_unet = UNetFlatConditionModel.from_pretrained(stage_vd, subfolder="text_unet", low_cpu_mem_usage=False)
     scheduler = DDIMScheduler.from_pretrained(stage_vd, subfolder="scheduler")
     image_unet, text_unet, losses = train_unet(
         mean, std, text, vision, clip.unconditional_text(), clip.unconditional_vision(), image_unet, text_unet,
-        scheduler, work, steps=steps["unet"], minutes=_stage_minutes(minutes, "unet"), seed=seed, progress=progress)
+        scheduler, work, steps=steps["unet"], minutes=_stage_minutes(minutes, "unet"), seed=seed, progress=progress,
+        device=device)
     image_unet.save_pretrained(stage_vd / "image_unet", safe_serialization=True)
     text_unet.save_pretrained(stage_vd / "text_unet", safe_serialization=True)
     done("unet", t0, losses, _ckpt_losses(work, "unet"))
@@ -510,28 +552,3 @@ def _ckpt_losses(work: Path, stage: str) -> list[float]:
     if not path.is_file():
         return []
     return [float(v) for v in torch.load(path, map_location="cpu", weights_only=True)["losses"]]
-
-
-# -------------------------------------------------------------------------------------------------- CLI
-def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``world train`` (shared by whichever CLI module registers the action)."""
-    p.add_argument("--out", default="assets/demo/models", metavar="DIR",
-                   help="where the trained models go (default: assets/demo/models)")
-    p.add_argument("--minutes", type=float, default=None, metavar="M", help="wall-clock cap for the whole run")
-    p.add_argument("--steps", default=None, metavar="LIST",
-                   help="steps per stage, e.g. clip=3000,vdvae=6000,vae=1500,unet=8000 (defaults) or all=5")
-    p.add_argument("--work", default=None, metavar="DIR", help="checkpoints (default <cache>/demo-training)")
-    p.add_argument("--world-root", default=None, metavar="DIR", help="a built world (default: the app's world)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR", help="cache folder (default: $BRAIN_DIFFUSER_CACHE)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run_train)
-    return p
-
-
-def run_train(args: argparse.Namespace) -> int:
-    out = train_demo_models(args.out, world_root=args.world_root, cache_dir=args.cache_dir, work=args.work,
-                            steps=parse_steps(args.steps), minutes=args.minutes, seed=args.seed,
-                            threads=args.threads, progress=True)
-    print(f"demo models written to {out}: {json.dumps(json.loads((out / 'training.json').read_text())['stages'])}")
-    return 0

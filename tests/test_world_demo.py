@@ -1,0 +1,229 @@
+"""The MiniNSD demo bundle (world/demo.py), the demo-model trainers (world/train.py) and the shared
+extraction loop (features/extract.py), on a small world built into tmp."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from brain_diffuser_core.world.build import build_world
+from brain_diffuser_core.world.demo import (NOT_TRAINED_MESSAGE, TRAINED_KEY, UNTRAINED_KEY, ensure_demo_bundle,
+                                            ensure_untrained_models, models_digest, read_demo_stamp)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small world: 2 subjects, 48 train + 6 test images, one session."""
+    root = tmp_path_factory.mktemp("world") / "mininsd"
+    build_world(root, n_train=48, n_test=6, subjects=[1, 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def untrained_bundle(world, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    logger = logging.getLogger("brain_diffuser_core.world.demo")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        path = ensure_demo_bundle(cache, models_dir=cache / "absent-models", world_root=world)
+    finally:
+        logger.removeHandler(handler)
+    return cache, path, [r.getMessage() for r in records]
+
+
+def _subject(world, cache, s):
+    from brain_diffuser_core.nsd import load_subject
+
+    return load_subject(world, s, cache_dir=cache / "nsd", progress=False)
+
+
+# ------------------------------------------------------------------------------------------- demo bundle
+def test_untrained_fallback_is_flagged_and_reconstructs(world, untrained_bundle):
+    from brain_diffuser_core.bundle import load_bundle
+    from brain_diffuser_core.pipeline import BrainDiffuser
+
+    cache, path, messages = untrained_bundle
+    assert NOT_TRAINED_MESSAGE in messages
+    bundle = load_bundle(path, verify="eager")
+    assert UNTRAINED_KEY in bundle.models and TRAINED_KEY not in bundle.models
+    assert bundle.subjects == [1, 2]
+    stamp = read_demo_stamp(path)
+    assert stamp["models_trained"] is False and stamp["subjects"] == [1, 2]
+
+    subj = _subject(world, cache, 2)
+    assert bundle.subject_info(2)["n_voxels"] == subj.n_voxels
+    assert bundle.subject_info(2)["n_train"] == 48
+    bd = BrainDiffuser(bundle, device="cpu")
+    rec = bd.reconstruct(subj.test_fmri[:1], 2, image_ids=subj.test_image_ids[:1], num_inference_steps=4)[0]
+    assert rec.stage1.shape == (64, 64, 3) and rec.stage1.dtype == np.uint8
+    assert rec.final.shape == (32, 32, 3) and rec.final.dtype == np.uint8
+    assert rec.features["clip_vision"].shape == (257, 32)
+
+
+def test_bundle_is_reused_then_rebuilt_when_model_checksums_change(world, untrained_bundle, tmp_path):
+    from brain_diffuser_core.bundle import load_bundle
+    from brain_diffuser_core.features.vdvae import VDVAE, VDVAEConfig, save_vdvae
+
+    cache, path, _ = untrained_bundle
+    created = json.loads((path / "manifest.json").read_text())["created"]
+    again = ensure_demo_bundle(cache, models_dir=cache / "absent-models", world_root=world)
+    assert again == path and json.loads((path / "manifest.json").read_text())["created"] == created
+
+    # "trained" models: a copy of the fallback, then one file changed
+    models = tmp_path / "models"
+    shutil.copytree(cache / "demo-models-untrained", models)
+    out = ensure_demo_bundle(tmp_path / "c", models_dir=models, world_root=world)
+    first = read_demo_stamp(out)
+    assert first["models_trained"] is True and TRAINED_KEY in load_bundle(out).models
+    w_before = load_bundle(out).decoder(1, "vdvae").dense_weight().float().numpy()
+
+    torch.manual_seed(123)
+    save_vdvae(VDVAE(VDVAEConfig.tiny(64)).eval(), models / "vdvae.safetensors")
+    out = ensure_demo_bundle(tmp_path / "c", models_dir=models, world_root=world)
+    second = read_demo_stamp(out)
+    assert second["models_sha256"] != first["models_sha256"]
+    assert second["models_sha256"] == models_digest(models)
+    w_after = load_bundle(out).decoder(1, "vdvae").dense_weight().float().numpy()
+    assert not np.allclose(w_before, w_after)  # refitted on the new model's features
+
+
+def test_extracted_features_match_direct_encoding(world, untrained_bundle):
+    from brain_diffuser_core.features.clip import ClipFeatureExtractor
+    from brain_diffuser_core.features.store import FeatureStore
+    from brain_diffuser_core.features.vdvae import load_vdvae
+    from brain_diffuser_core.seeding import seed_for
+
+    cache, path, _ = untrained_bundle
+    stamp = read_demo_stamp(path)
+    feats_dir = cache / "demo-features" / f"{stamp['world_sha256'][:12]}-{stamp['models_sha256'][:12]}"
+    store = FeatureStore(feats_dir)
+    subj = _subject(world, cache, 1)
+    ids = np.array([int(subj.test_image_ids[0]), int(subj.train_image_ids[5])])
+    assert set(np.concatenate([subj.train_image_ids, subj.test_image_ids])) <= set(store.ids("clip_vision"))
+    models = cache / "demo-models-untrained"
+    clip = ClipFeatureExtractor.from_pretrained(models / "versatile-diffusion")
+    images = np.stack([subj.image(i) for i in ids])
+    np.testing.assert_allclose(store.get("clip_vision", ids), clip.vision_embeddings(images), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(store.get("clip_text", ids[:1])[0], clip.text_embeddings(subj.captions(int(ids[0]))),
+                               rtol=2e-3, atol=2e-3)
+    vdvae = load_vdvae(models / "vdvae.safetensors")
+    direct = vdvae.encode(images, seed=[seed_for("vdvae-encode", int(i)) for i in ids]).numpy()
+    np.testing.assert_allclose(store.get("vdvae", ids), direct, rtol=2e-3, atol=2e-3)
+
+
+def test_bad_subjects_are_named(world, untrained_bundle):
+    cache, _, _ = untrained_bundle
+    with pytest.raises(ValueError, match=r"subset of the world's subjects \[1, 2\]; \[5\]"):
+        ensure_demo_bundle(cache, models_dir=cache / "absent-models", world_root=world, subjects=[5])
+
+
+# -------------------------------------------------------------------------------------------- trainers
+def test_parse_steps():
+    from brain_diffuser_core.world.train import DEFAULT_STEPS, parse_steps
+
+    assert parse_steps("clip=5,unet=7") == {**DEFAULT_STEPS, "clip": 5, "unet": 7}
+    assert set(parse_steps("all=2").values()) == {2}
+    with pytest.raises(ValueError, match="STAGE=N"):
+        parse_steps("vqgan=3")
+
+
+def test_clip_and_vae_losses_fall_and_training_resumes(world, tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPImageProcessorPil, CLIPTokenizer
+
+    from brain_diffuser_core.tiny_models import make_tiny_vd, vd_configs
+    from brain_diffuser_core.world.train import load_train_data, train_clip, train_vae
+
+    images, captions, ids = load_train_data(world)
+    assert images.shape == (48, 64, 64, 3) and ids.min() == 6  # train split only (test ids are 0..5)
+    vd = make_tiny_vd(tmp_path / "vd")
+    tok = CLIPTokenizer.from_pretrained(vd / "tokenizer")
+    proc = CLIPImageProcessorPil.from_pretrained(vd / "image_feature_extractor")
+    # the same 16 pairs every step (batch = all data): the contrastive loss must fall
+    _, losses = train_clip(images[:16], [c[:1] for c in captions[:16]], tok, proc, tmp_path / "w", steps=8,
+                           batch_size=16, lr=2e-3, progress=False)
+    assert len(losses) == 8 and np.isfinite(losses).all()
+    assert np.mean(losses[-2:]) < losses[0]
+
+    vae = AutoencoderKL(**vd_configs("tiny")["vae"])
+    _, losses = train_vae(images[:16], vae, tmp_path / "w", steps=6, batch_size=16, lr=3e-3, progress=False)
+    assert np.mean(losses[-2:]) < losses[0]
+    assert (tmp_path / "w" / "vae.pt").is_file()
+    # latents x scaling factor have unit standard deviation over the data
+    x = torch.as_tensor(images[:16]).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True) / 127.5 - 1
+    with torch.no_grad():
+        std = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).std().item()
+    assert abs(std - 1.0) < 0.05
+    # resuming: a second call continues from step 6 and runs only 2 more steps
+    vae2 = AutoencoderKL(**vd_configs("tiny")["vae"])
+    _, more = train_vae(images[:16], vae2, tmp_path / "w", steps=8, batch_size=16, progress=False)
+    assert len(more) == 2
+    # a zero-minute budget runs no step
+    _, none = train_vae(images[:16], vae2, tmp_path / "w", steps=100, batch_size=16, minutes=0, progress=False)
+    assert none == []
+
+
+def test_train_demo_models_writes_loadable_models(world, tmp_path):
+    from brain_diffuser_core.diffusion import DualGuidedImg2Img, load_versatile_diffusion
+    from brain_diffuser_core.features.clip import ClipFeatureExtractor
+    from brain_diffuser_core.features.vdvae import load_vdvae
+    from brain_diffuser_core.cli.world_train import add_train_action
+
+    # through the CLI action (`world train`), as the lead will run it
+    parser = argparse.ArgumentParser()
+    add_train_action(parser.add_subparsers())
+    args = parser.parse_args(["train", "--out", str(tmp_path / "models"), "--world-root", str(world), "--work",
+                              str(tmp_path / "work"), "--steps", "all=2,unet=3", "--threads", "1", "--no-progress"])
+    assert args.func(args) == 0
+    out = tmp_path / "models"
+    record = json.loads((out / "training.json").read_text())
+    for stage, n in {"clip": 2, "vdvae": 2, "vae": 2, "unet": 3}.items():
+        info = record["stages"][stage]
+        assert info["steps"] == n and np.isfinite([info["first_loss"], info["final_loss"]]).all()
+    vdvae = load_vdvae(out / "vdvae.safetensors")
+    assert vdvae.config.image_size == 64
+    comps = load_versatile_diffusion(out / "versatile-diffusion")
+    clip = ClipFeatureExtractor.from_pretrained(out / "versatile-diffusion")
+    # the exported towers are the trained ones: they differ from the random start in the staged folder's seed
+    from brain_diffuser_core.tiny_models import make_tiny_vd
+
+    fresh = ClipFeatureExtractor.from_pretrained(make_tiny_vd(tmp_path / "fresh"))
+    grey = np.full((1, 32, 32, 3), 90, np.uint8)
+    assert not np.allclose(clip.vision_embeddings(grey), fresh.vision_embeddings(grey))
+    # and the exported VD runs the dual-guided img2img
+    img = DualGuidedImg2Img(comps)(np.full((1, 32, 32, 3), 120, np.uint8), clip.text_embeddings_batch([["a red cup"]]),
+                                   clip.vision_embeddings(grey), seeds=[0], num_inference_steps=4,
+                                   uncond_text=clip.unconditional_text(), uncond_vision=clip.unconditional_vision())
+    assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 60e6
+
+
+def test_loop_moving_average_is_checkpointed_and_applied(tmp_path):
+    from brain_diffuser_core.world.train import _Loop
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    start = lin.weight.detach().clone()
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    loop = _Loop("lin", lin, tmp_path, lr=0.1, checkpoint_every=0, ema_decay=0.9)
+    loop.run(lambda step: torch.nn.functional.mse_loss(lin(x), y), 5, None, progress=False)
+    raw = lin.weight.detach().clone()
+    # the average of the iterates lies strictly between the start and the raw final weights
+    ema = loop.ema["weight"].clone()
+    assert not torch.allclose(ema, raw) and not torch.allclose(ema, start)
+    assert torch.all((ema - start).abs() <= (raw - start).abs() + 1e-6)
+    # a resumed loop reads the same average back; apply_ema copies it into the parameters
+    lin2 = torch.nn.Linear(3, 1)
+    loop2 = _Loop("lin", lin2, tmp_path, lr=0.1, checkpoint_every=0, ema_decay=0.9)
+    assert loop2.step == 5 and torch.equal(lin2.weight, raw) and torch.equal(loop2.ema["weight"], ema)
+    loop2.apply_ema()
+    assert torch.equal(lin2.weight.detach(), ema)
