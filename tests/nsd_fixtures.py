@@ -25,14 +25,16 @@ from brain_diffuser_core.nsd_format import (
 )
 
 TRIALS = 750
-ROI_LABEL_COUNTS = {
-    "prf-visualrois": 7,
-    "prf-eccrois": 5,
-    "floc-faces": 5,
-    "floc-bodies": 4,
-    "floc-places": 3,
-    "floc-words": 5,
+# NSD label tables (PAPER.md), written out independently of the library's catalogue: value k+1 names entry k
+NSD_LABELS = {
+    "prf-visualrois": ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"],
+    "prf-eccrois": ["ecc0pt5", "ecc1", "ecc2", "ecc4", "ecc4+"],
+    "floc-faces": ["OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces"],
+    "floc-bodies": ["EBA", "FBA-1", "FBA-2", "mTL-bodies"],
+    "floc-places": ["OPA", "PPA", "RSC"],
+    "floc-words": ["OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"],
 }
+ROI_LABEL_COUNTS = {name: len(labels) for name, labels in NSD_LABELS.items()}
 
 
 @dataclass

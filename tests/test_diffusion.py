@@ -15,14 +15,6 @@ D = vd_configs("tiny")["image_unet"]["cross_attention_dim"]
 STEPS = 4  # a short schedule keeps the tests fast; the loop is the same at 50
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine they only oversubscribe."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def vd_folder(tmp_path_factory):

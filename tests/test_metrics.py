@@ -10,13 +10,6 @@ from scipy.spatial.distance import correlation as scipy_correlation
 from brain_diffuser_core import metrics as M
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _pair(rng, n=3, size=32, noise=40.0):
     truth = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)

@@ -14,16 +14,7 @@ from brain_diffuser_core.rois import (
     roi_spec,
     synthetic_pattern_from_masks,
 )
-
-# NSD label tables (PAPER.md), written out independently of the catalogue
-NSD_LABELS = {
-    "prf-visualrois": ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"],
-    "prf-eccrois": ["ecc0pt5", "ecc1", "ecc2", "ecc4", "ecc4+"],
-    "floc-faces": ["OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces"],
-    "floc-bodies": ["EBA", "FBA-1", "FBA-2", "mTL-bodies"],
-    "floc-places": ["OPA", "PPA", "RSC"],
-    "floc-words": ["OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"],
-}
+from nsd_fixtures import NSD_LABELS
 
 
 def test_paper_v1_to_v4_come_from_prf_visualrois_not_floc_faces():

@@ -11,16 +11,8 @@ from brain_diffuser_core.world.observer import (
     scene_features,
 )
 from brain_diffuser_core.world.scenes import CATEGORIES, category_labels, generate_scenes
+from nsd_fixtures import NSD_LABELS
 
-# NSD's label tables, written out independently of the module
-NSD_TABLES = {
-    "prf-visualrois": ["V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"],
-    "prf-eccrois": ["ecc0pt5", "ecc1", "ecc2", "ecc4", "ecc4+"],
-    "floc-faces": ["OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces"],
-    "floc-bodies": ["EBA", "FBA-1", "FBA-2", "mTL-bodies"],
-    "floc-places": ["OPA", "PPA", "RSC"],
-    "floc-words": ["OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +27,10 @@ def world():
 
 
 def test_roi_tables_and_labels_match_nsd(obs):
-    for f, names in NSD_TABLES.items():
+    for f, names in NSD_LABELS.items():
         assert ROI_TABLES[f] == {i + 1: n for i, n in enumerate(names)}
     labels = obs.roi_labels()
-    assert set(labels) == set(ROI_FILES) == set(NSD_TABLES) | {"nsdgeneral"}
+    assert set(labels) == set(ROI_FILES) == set(NSD_LABELS) | {"nsdgeneral"}
     for f, lab in labels.items():
         assert lab.shape == (obs.n_voxels,) and np.issubdtype(lab.dtype, np.integer)
         assert set(np.unique(lab)) <= {0} | set(ROI_TABLES[f])
