@@ -14,7 +14,6 @@ from brain_diffuser_core.world.scenes import CATEGORIES, category_labels, genera
 from nsd_fixtures import NSD_LABELS
 
 
-
 @pytest.fixture(scope="module")
 def obs():
     return Observer(1)

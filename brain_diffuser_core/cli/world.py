@@ -14,6 +14,8 @@ every command that takes --nsd-root (prepare, extract, fit, reconstruct) works o
 
 actions:
   build      write the world into a folder (about 20 s and 150 MB with the defaults)
+  train      train the demo models (CLIP, VDVAE, VD's VAE + UNet) on the world's train images
+  validate   score ROI-optimal scenes of a bundle against the observers' known tuning
 
 example:
   python -m brain_diffuser_core world build --out ~/mininsd
@@ -63,7 +65,19 @@ def _add_build(actions) -> argparse.ArgumentParser:
 
 
 #: ``world <action>``: name -> function adding the action's parser to the ``world`` sub-parsers
-ACTIONS: dict[str, Callable] = {"build": _add_build}
+def _add_train(actions) -> argparse.ArgumentParser:
+    from .world_train import add_train_action  # argparse only; torch is imported when the action runs
+
+    return add_train_action(actions)
+
+
+def _add_validate(actions) -> argparse.ArgumentParser:
+    from .world_validate import add_validate_action  # argparse only
+
+    return add_validate_action(actions)
+
+
+ACTIONS: dict[str, Callable] = {"build": _add_build, "train": _add_train, "validate": _add_validate}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
