@@ -120,6 +120,7 @@ def _rec(roi, subject, k, observer=None, pref=None, hf=0.1, ecc=2.0):
 def test_report_aims_are_computed_from_the_numbers(tmp_path):
     recs = [_rec("faces", "subj01", k, "face" if k < 13 else "body", "face") for k in range(16)]
     recs += [_rec("places", "subj01", k, "place", "place") for k in range(3)]  # 100% but only 3 seeds
+    recs.append(_rec("places", "subj01", 3, "face", "place"))  # a places scene the judge calls a face
     recs += [_rec("V1", "subj01", k, hf=0.4) for k in range(2)] + [_rec("V4", "subj01", k, hf=0.2) for k in range(2)]
     for i, band in enumerate(["ecc0pt5", "ecc1", "ecc2"]):
         recs += [_rec(band, "subj01", k, ecc=1.0 + i) for k in range(2)]
@@ -127,7 +128,10 @@ def test_report_aims_are_computed_from_the_numbers(tmp_path):
                            n_seeds=16, judge="observer", records=recs, models_trained=False)
     aims = {a["aim"].split(":")[0]: a for a in rep.aims()}
     assert aims["faces"]["value"] == pytest.approx(13 / 16) and aims["faces"]["met"] is True
-    assert aims["places"]["value"] == 1.0 and aims["places"]["met"] is False
+    assert aims["places"]["value"] == 0.75 and aims["places"]["met"] is False
+    # the same judge on the other category ROIs' scenes (V1/V4/ecc scenes carry no judged label here)
+    assert aims["faces"]["other_rois_fraction"] == pytest.approx(1 / 4)
+    assert aims["places"]["other_rois_fraction"] == 0.0
     hf_aim = next(a for a in rep.aims() if a["aim"].startswith("V1"))
     assert hf_aim["met"] is True and hf_aim["value"] == {"V1": pytest.approx(0.4), "V4": pytest.approx(0.2)}
     ecc_aim = next(a for a in rep.aims() if a["aim"].startswith("contrast"))
@@ -170,6 +174,9 @@ def test_cli_validate_end_to_end_writes_the_report(small_bundle, tmp_path, capsy
     face_recs = [r for r in recs if r["roi"] == "faces"]
     assert all(r["preferred"] == "face" and r["observer"] in ("face", "body", "place", "word") for r in face_recs)
     assert all(0.0 <= r["hf_fraction"] <= 1.0 and r["colourfulness"] >= 0 for r in recs)
+    # the bundle's (untrained) CLIP loads, so the CLIP judge labels every image with a world category
+    assert all(r["clip"] in ("face", "body", "place", "word", "object", "texture") for r in recs)
+    assert "nearest centroid over 6 categories" in report["clip_note"]
     # nothing claims the category aim with 2 seeds
     assert all(not a["met"] for a in report["aims"] if a["aim"].startswith("faces"))
     summ = {(r["roi"], r["subject"]): r for r in report["summary"]}

@@ -1,0 +1,129 @@
+"""``world validate``: score ROI-optimal scenes against the MiniNSD observers' known tuning.
+
+Plugged into ``world`` through :data:`brain_diffuser_core.cli.world.ACTIONS` as ``"validate":
+add_validate_action``. Argument parsing only (the work is in :mod:`brain_diffuser_core.world.validate`);
+importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..config import PAPER
+
+HELP = "score ROI-optimal scenes of a bundle against the world's known tuning (in-silico validation)"
+
+DESCRIPTION = """\
+Generate the paper's ROI-optimal scenes (pattern 1 inside an ROI, 0 elsewhere; each subject and the subject
+average) with a decoder bundle fitted on a MiniNSD world, and score them against the observers' known tuning:
+
+  faces, bodies, places, words   fraction of images judged to show the preferred category
+                                 (observer judge: noise-free response of the category areas, calibrated on
+                                 the world's train images; CLIP judge: nearest category centroid in the
+                                 bundle CLIP's image space, when it loads)          aim >= 80% over >= 16 seeds
+  V1, V4                         high-spatial-frequency energy fraction and colourfulness   aim: V1 HF > V4 HF
+  ecc0pt5 ... ecc4+              radial centre of mass of contrast energy (deg)   aim: moves outward by band
+
+Writes <out>/report.json (summary, aims, per-seed values), per_seed.csv, summary.csv and
+<out>/sheets/<roi>.png contact sheets (rows = subjects, columns = seeds), and prints the table. The aims
+are computed from the numbers; with untrained demo models they say nothing about the method (flagged).
+
+example:
+  python -m brain_diffuser_core world validate --bundle ~/.cache/brain-diffuser-explorer/demo-bundle
+  python -m brain_diffuser_core world validate --bundle B --world ~/mininsd --seeds 4 --rois faces,V1,V4
+"""
+
+
+def add_validate_action(actions) -> argparse.ArgumentParser:
+    """Add ``validate`` to the ``world`` action sub-parsers."""
+    from ..world.validate import DEFAULT_ROIS, JUDGES
+
+    p = actions.add_parser("validate", help=HELP, description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, metavar="DIR", help="decoder bundle fitted on the world")
+    p.add_argument("--world", default=None, metavar="DIR",
+                   help="the MiniNSD world (default: the world recorded in the bundle's demo.json)")
+    p.add_argument("--seeds", type=int, default=16, metavar="N", help="images per ROI and subject (default: 16)")
+    p.add_argument("--out", default="world-validation", metavar="DIR",
+                   help="report folder (default: ./world-validation)")
+    p.add_argument("--rois", default=",".join(DEFAULT_ROIS), metavar="LIST",
+                   help="comma-separated catalogue ROIs (default: the paper's 8 and the 5 eccentricity bands)")
+    p.add_argument("--subjects", default=None, metavar="LIST",
+                   help="comma-separated subjects and/or 'average' (default: every bundle subject and average)")
+    p.add_argument("--judge", default="observer", choices=JUDGES,
+                   help="judge used for the category aims (default: observer; clip needs the bundle's CLIP)")
+    p.add_argument("--calibration", type=int, default=600, metavar="N",
+                   help="world train images that fit and calibrate the judges (default: 600)")
+    p.add_argument("--steps", type=int, default=PAPER.stage2.num_inference_steps,
+                   help=f"DDIM steps (default: {PAPER.stage2.num_inference_steps})")
+    p.add_argument("--stage1-only", action="store_true", help="score the stage-1 images (skip stage 2)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images generated at once (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-subject cache (as for `prepare`)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_validate)
+    return p
+
+
+def _parse_subjects(text: str | None):
+    if text is None:
+        return None
+    out = []
+    for t in (t.strip() for t in text.split(",")):
+        if not t:
+            continue
+        if t == "average":
+            out.append(t)
+            continue
+        try:
+            out.append(int(t))
+        except ValueError:
+            raise ValueError(f"'--subjects' must be a comma-separated list of subject numbers and/or 'average' "
+                             f"like '1,2,average'; {text!r} was provided") from None
+    return out
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from ..pipeline import BrainDiffuser
+    from ..world.demo import read_demo_stamp
+    from ..world.validate import validate_bundle
+
+    if args.seeds < 1:
+        raise ValueError(f"'--seeds' must be >= 1; {args.seeds} was provided")
+    world = args.world
+    if world is None:
+        stamp = read_demo_stamp(args.bundle)
+        if stamp is None or not stamp.get("world_root"):
+            raise ValueError(f"bundle {args.bundle} records no world (no demo.json with 'world_root'); "
+                             "pass --world DIR")
+        world = stamp["world_root"]
+    if torch.get_num_threads() > 2 and str(args.device) == "cpu":
+        torch.set_num_threads(2)
+    diffuser = BrainDiffuser(args.bundle, device=args.device)
+    rois = [r.strip() for r in args.rois.split(",") if r.strip()]
+    bar = tqdm(desc="world validate", unit="batch", disable=args.no_progress)
+
+    def progress(step: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(step, refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        report = validate_bundle(diffuser, world, rois=rois, subjects=_parse_subjects(args.subjects),
+                                 n_seeds=args.seeds, judge=args.judge, progress=progress,
+                                 n_calibration=args.calibration, batch_size=args.batch_size, base_seed=args.seed,
+                                 cache_dir=args.cache_dir, run_stage2=not args.stage1_only,
+                                 num_inference_steps=args.steps)
+    finally:
+        bar.close()
+    paths = report.write(args.out)
+    print(report.format_table())
+    print(f"\nreport         {paths['json']}")
+    print(f"per seed       {paths['per_seed']}")
+    print(f"contact sheets {Path(args.out) / 'sheets'} ({sum(k.startswith('sheet:') for k in paths)} PNGs)")
+    return 0
