@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from brain_diffuser_core.bundle import BundleError
 from brain_diffuser_core.config import PAPER
@@ -100,3 +101,21 @@ def test_upscale_bicubic():
     up = upscale_bicubic(img, 32)
     assert up.shape == (1, 32, 32, 3)
     assert up[0, 0, 0, 0] == 255 and up[0, -1, 0, 0] == 0
+
+
+def test_out_of_memory_is_a_clear_error_and_the_models_keep_serving(tiny, rng, monkeypatch):
+    from brain_diffuser_core.pipeline import GenerationError
+
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    fmri = rng.standard_normal((1, n_vox)).astype(np.float32)
+    real = tiny.models.img2img
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tiny.models, "img2img", out_of_memory)
+    with pytest.raises(GenerationError, match="out of memory.*fewer items.*still loaded"):
+        tiny.reconstruct(fmri, 1, **FAST)
+    assert not tiny.models.lock.locked()
+    monkeypatch.setattr(tiny.models, "img2img", real)
+    assert tiny.reconstruct(fmri, 1, **FAST)[0].final is not None
