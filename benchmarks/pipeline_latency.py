@@ -8,7 +8,7 @@ comparable to the GPU ones). The baseline measured in the same run is float32 at
 
 Targets (issue 3, H100): <= 1.0 s per 512 px reconstruction at batch 1, float16, guidance on; <= 12 GB peak.
 
-    python benchmarks/pipeline_latency.py [--size auto|real|tiny] [--batches 1,8] [--repeats 2] [--out FILE.json]
+    python benchmarks/pipeline_latency.py [--size auto|real|tiny] [--batches 1,8] [--repeats 2] [--threads 2] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -88,13 +88,14 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="auto", choices=("auto", "real", "tiny"))
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs only; default 2)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     size = args.size if args.size != "auto" else ("real" if cuda else "tiny")
     if not cuda:
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     dtypes = [torch.float32, torch.float16] if cuda else [torch.float32]
     batches = [int(b) for b in args.batches.split(",")]
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
