@@ -138,11 +138,32 @@ def test_low_rank_is_the_best_rank_r_weight(rng, backend):
     u, s, vt = np.linalg.svd(W, full_matrices=False)
     for r in (3, 7):
         best = (u[:, :r] * s[:r]) @ vt[:r]
-        dec = fit_ridge(X, Y, 5.0, backend=backend, rank=r, dtype="float32")
+        dec = fit_ridge(X, Y, 5.0, backend=backend, rank=r, lowrank="weights", dtype="float32")
         assert dec.rank == r and dec.tensors["factor_a"].shape == (60, r)
         np.testing.assert_allclose(dec.dense_weight().numpy(), best, atol=2e-3 * np.abs(W).max())
-    full_rank = fit_ridge(X, Y, 5.0, backend=backend, rank=12, dtype="float32")
+    full_rank = fit_ridge(X, Y, 5.0, backend=backend, rank=12, lowrank="weights", dtype="float32")
     np.testing.assert_allclose(full_rank.dense_weight().numpy(), W, atol=2e-3 * np.abs(W).max())
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_low_rank_predictions_is_the_best_rank_r_train_prediction(rng, backend):
+    X, Y = _data(rng, n=40, p=60, t=12)
+    W, b = _closed_form(X, Y, 5.0)
+    Xc = X - X.mean(0)
+    fitted = Xc @ W  # centred train predictions
+    u, s, vt = np.linalg.svd(fitted, full_matrices=False)
+    for r in (3, 7):
+        best = (u[:, :r] * s[:r]) @ vt[:r]
+        dec = fit_ridge(X, Y, 5.0, backend=backend, rank=r, lowrank="predictions", dtype="float32")
+        np.testing.assert_allclose(Xc @ dec.dense_weight().numpy(), best, atol=2e-3 * np.abs(fitted).max())
+        # it beats the weight-optimal factors on the train predictions, the decoder's job
+        by_weight = fit_ridge(X, Y, 5.0, backend=backend, rank=r, lowrank="weights", dtype="float32")
+        err = lambda d: np.linalg.norm(Xc @ d.dense_weight().numpy() - fitted)
+        assert err(dec) < err(by_weight)
+    full_rank = fit_ridge(X, Y, 5.0, backend=backend, rank=12, lowrank="predictions", dtype="float32")
+    np.testing.assert_allclose(Xc @ full_rank.dense_weight().numpy(), fitted, atol=2e-3 * np.abs(fitted).max())
+    with pytest.raises(ValueError, match="'lowrank' must be one of"):
+        fit_ridge(X, Y, 5.0, rank=3, lowrank="best")
 
 
 def test_low_rank_float16_predictions_and_progress(rng):
