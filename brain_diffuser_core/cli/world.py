@@ -98,8 +98,6 @@ def _parse_subjects(text: str) -> list[int]:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..world.build import build_world, read_world_info, world_is_current, world_params
 
     params = world_params(n_train=args.n_train, n_test=args.n_test, test_repeats=args.test_repeats,
@@ -109,12 +107,9 @@ def _run_build(args: argparse.Namespace) -> int:
         info = read_world_info(args.out)
         print(f"world at {args.out} is up to date (format v{info.version}); use --force to rebuild")
         return 0
-    bar = tqdm(desc="world build", unit="step", disable=args.no_progress)
+    from ._progress import step_bar
 
-    def progress(step: str, done: int, total: int) -> None:
-        bar.total = total
-        bar.set_postfix_str(step, refresh=False)
-        bar.update(done - bar.n)
+    bar, progress = step_bar("world build", "step", disable=args.no_progress)
 
     try:
         info = build_world(args.out, progress=progress, **params)

@@ -87,7 +87,6 @@ def run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from tqdm import tqdm
 
     from ..pipeline import BrainDiffuser
     from ..world.demo import read_demo_stamp
@@ -106,12 +105,9 @@ def run_validate(args: argparse.Namespace) -> int:
         torch.set_num_threads(2)
     diffuser = BrainDiffuser(args.bundle, device=args.device)
     rois = [r.strip() for r in args.rois.split(",") if r.strip()]
-    bar = tqdm(desc="world validate", unit="batch", disable=args.no_progress)
+    from ._progress import step_bar
 
-    def progress(step: str, done: int, total: int) -> None:
-        bar.total = total
-        bar.set_postfix_str(step, refresh=False)
-        bar.update(done - bar.n)
+    bar, progress = step_bar("world validate", "batch", disable=args.no_progress)
 
     try:
         report = validate_bundle(diffuser, world, rois=rois, subjects=_parse_subjects(args.subjects),
