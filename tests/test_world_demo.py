@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from brain_diffuser_core.world.build import build_world
-from brain_diffuser_core.world.demo import (NOT_TRAINED_MESSAGE, TRAINED_KEY, UNTRAINED_KEY, ensure_demo_bundle,
-                                            ensure_untrained_models, models_digest, read_demo_stamp)
+from brain_diffuser_core.world import demo
+from brain_diffuser_core.world.demo import (MANIFEST_FILE, NOT_TRAINED_MESSAGE, TRAINED_KEY, UNTRAINED_KEY,
+                                            DemoDiskFullError, DemoModelsError, ensure_demo_bundle,
+                                            ensure_untrained_models, model_files, models_digest, read_demo_stamp,
+                                            verify_demo_models, write_models_manifest)
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +128,165 @@ def test_bad_subjects_are_named(world, untrained_bundle):
         ensure_demo_bundle(cache, models_dir=cache / "absent-models", world_root=world, subjects=[5])
 
 
+# ---------------------------------------------------------------------------- model manifest + checks
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def models(untrained_bundle, tmp_path):
+    """A complete models folder (a copy of the untrained fallback) with its MANIFEST.json."""
+    cache, _, _ = untrained_bundle
+    folder = tmp_path / "models"
+    shutil.copytree(cache / "demo-models-untrained", folder)
+    (folder / "training.json").write_text("{}")
+    (folder / "README.md").write_text("notes")
+    write_models_manifest(folder, memo_file=tmp_path / "memo.json")
+    return folder
+
+
+def test_manifest_lists_every_model_file_with_size_and_sha256(models, tmp_path):
+    manifest = json.loads((models / MANIFEST_FILE).read_text())
+    on_disk = sorted(p.relative_to(models).as_posix() for p in models.rglob("*")
+                     if p.is_file() and p.name not in ("training.json", "README.md", MANIFEST_FILE))
+    assert sorted(manifest["files"]) == on_disk == sorted(model_files(models))
+    assert "vdvae.safetensors" in on_disk and "versatile-diffusion/unet" not in on_disk
+    assert any(r.startswith("versatile-diffusion/image_unet/") for r in on_disk)
+    for rel, entry in manifest["files"].items():
+        assert entry == {"size": (models / rel).stat().st_size, "sha256": _sha(models / rel)}
+    assert verify_demo_models(models, memo_file=tmp_path / "memo.json") == manifest["files"]
+
+
+def test_missing_model_file_is_named_with_restore_and_rebuild_commands(models, world, tmp_path):
+    (models / "versatile-diffusion" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(DemoModelsError) as info:
+        verify_demo_models(models, memo_file=tmp_path / "memo.json")
+    err = info.value
+    assert err.problems == {"versatile-diffusion/vae/diffusion_pytorch_model.safetensors": "missing"}
+    text = str(err)
+    assert str(models) in text and "versatile-diffusion/vae/diffusion_pytorch_model.safetensors: missing" in text
+    assert "git checkout -- assets/demo/models" in text
+    assert f"python -m brain_diffuser_core world train --out {models}" in text
+    # the bundle build refuses it too: no silent fallback to untrained models, no bundle written
+    with pytest.raises(DemoModelsError, match="diffusion_pytorch_model.safetensors: missing"):
+        ensure_demo_bundle(tmp_path / "c", models_dir=models, world_root=world)
+    assert not (tmp_path / "c" / "demo-bundle").exists()
+    assert isinstance(err, RuntimeError)
+
+
+def test_flipped_byte_is_named_corrupt_despite_the_checksum_memo(models, tmp_path, monkeypatch):
+    memo = tmp_path / "memo.json"
+    verify_demo_models(models, memo_file=memo)  # remembered as good
+    hashed = []
+    real = demo.sha256_file
+    monkeypatch.setattr(demo, "sha256_file", lambda p, *a, **k: hashed.append(p) or real(p, *a, **k))
+    verify_demo_models(models, memo_file=memo)
+    assert hashed == []  # once per content: nothing re-hashed
+    # a new process (empty memory) reads the memo file instead of hashing again
+    monkeypatch.setattr(demo, "_MEMO", {})
+    monkeypatch.setattr(demo, "_PERSISTED", {})
+    verify_demo_models(models, memo_file=memo)
+    assert hashed == []
+
+    target = models / "vdvae.safetensors"
+    data = bytearray(target.read_bytes())
+    data[len(data) - 7] ^= 0x01  # one bit of a weight, same size
+    target.write_bytes(bytes(data))
+    with pytest.raises(DemoModelsError) as info:
+        verify_demo_models(models, memo_file=memo)
+    assert [p.name for p in hashed] == ["vdvae.safetensors"]  # only the changed file was hashed again
+    assert info.value.problems == {"vdvae.safetensors": f"corrupt (sha256 differs from {MANIFEST_FILE})"}
+    assert "vdvae.safetensors: corrupt" in str(info.value) and "world train --out" in str(info.value)
+    # a truncated file is reported by its size
+    cfg = models / "versatile-diffusion" / "text_encoder" / "config.json"
+    size = cfg.stat().st_size
+    cfg.write_bytes(cfg.read_bytes()[:-3])
+    with pytest.raises(DemoModelsError) as info:
+        verify_demo_models(models, memo_file=memo)
+    assert info.value.problems["versatile-diffusion/text_encoder/config.json"] == (
+        f"corrupt (size {size - 3} bytes, {MANIFEST_FILE} says {size})")
+    # an unreadable manifest is named as such
+    (models / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(DemoModelsError, match=f"{MANIFEST_FILE}: corrupt"):
+        verify_demo_models(models, memo_file=memo)
+
+
+def test_partial_folder_without_manifest_names_what_is_missing(models, world, tmp_path):
+    (models / MANIFEST_FILE).unlink()
+    (models / "versatile-diffusion" / "text_encoder" / "model.safetensors").unlink()
+    (models / "vdvae.json").unlink()
+    with pytest.raises(DemoModelsError) as info:
+        ensure_demo_bundle(tmp_path / "c", models_dir=models, world_root=world)
+    assert info.value.problems == {"vdvae.json": "missing",
+                                   "versatile-diffusion/text_encoder/model.safetensors": "missing"}
+    assert "no MANIFEST.json" in str(info.value)
+    # nor can a manifest make such a folder look complete
+    with pytest.raises(DemoModelsError, match="vdvae.json: missing"):
+        write_models_manifest(models)
+    assert not (models / MANIFEST_FILE).exists()
+
+
+def test_verified_models_build_a_trained_bundle(models, world, tmp_path):
+    out = ensure_demo_bundle(tmp_path / "c", models_dir=models, world_root=world, subjects=[1])
+    stamp = read_demo_stamp(out)
+    assert stamp["models_trained"] is True and stamp["models_sha256"] == models_digest(models)
+    memo = json.loads((tmp_path / "c" / demo.CHECKSUMS_FILE).read_text())["files"]
+    assert memo[str((models / "vdvae.safetensors").resolve())]["sha256"] == _sha(models / "vdvae.safetensors")
+
+
+def test_a_full_disk_leaves_no_complete_looking_bundle_and_says_where(models, world, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    cache = tmp_path / "c"
+    real = safetensors.torch.save_file
+    calls = []
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if ".demo-bundle.tmp" in str(filename):
+            calls.append(filename)
+            if len(calls) == 2:  # midway through the bundle: the first decoder file was written
+                raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(DemoDiskFullError) as info:
+        ensure_demo_bundle(cache, models_dir=models, world_root=world, subjects=[1])
+    err = info.value
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC and len(calls) == 2
+    assert "disk is full" in str(err) and str(cache) in str(err) and "BRAIN_DIFFUSER_CACHE" in str(err)
+    assert not [p.name for p in cache.iterdir() if "demo-bundle" in p.name]  # no bundle, no temporary folder
+
+    # over an existing bundle (subject 1 only), a failed rebuild for subjects [1, 2] keeps the old one, whose
+    # stamp does not match: a later call rebuilds instead of accepting it
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    old = ensure_demo_bundle(cache, models_dir=models, world_root=world, subjects=[1])
+    calls.clear()
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(DemoDiskFullError):
+        ensure_demo_bundle(cache, models_dir=models, world_root=world, subjects=[1, 2])
+    assert [p.name for p in cache.iterdir() if "demo-bundle" in p.name] == ["demo-bundle"]
+    assert read_demo_stamp(old)["subjects"] == [1]
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert read_demo_stamp(ensure_demo_bundle(cache, models_dir=models, world_root=world))["subjects"] == [1, 2]
+
+    # the world build inside ensure_demo_bundle gets the same explanation; other OSErrors pass unchanged
+    import brain_diffuser_core.world.build as wb
+
+    def world_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(wb, "ensure_world", world_full)
+    with pytest.raises(DemoDiskFullError, match=f"written under {tmp_path / 'w'}.*BRAIN_DIFFUSER_CACHE"):
+        ensure_demo_bundle(tmp_path / "w", models_dir=models)
+    monkeypatch.setattr(wb, "ensure_world", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(PermissionError):
+        ensure_demo_bundle(tmp_path / "w", models_dir=models)
+
+
 # -------------------------------------------------------------------------------------------- trainers
 def test_parse_steps():
     from brain_diffuser_core.world.train import DEFAULT_STEPS, parse_steps
@@ -205,6 +367,16 @@ def test_train_demo_models_writes_loadable_models(world, tmp_path):
                                    uncond_text=clip.unconditional_text(), uncond_vision=clip.unconditional_vision())
     assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 60e6
+    # every training run ends with the manifest the demo verifies
+    manifest = json.loads((out / MANIFEST_FILE).read_text())["files"]
+    assert sorted(manifest) == sorted(model_files(out)) and "vdvae.safetensors" in manifest
+    assert manifest["vdvae.safetensors"]["sha256"] == _sha(out / "vdvae.safetensors")
+    verify_demo_models(out, memo_file=tmp_path / "memo.json")
+    # `world train --manifest-only` rewrites it for an existing folder, the same
+    (out / MANIFEST_FILE).unlink()
+    args = parser.parse_args(["train", "--out", str(out), "--manifest-only"])
+    assert args.func(args) == 0
+    assert json.loads((out / MANIFEST_FILE).read_text())["files"] == manifest
 
 
 def test_loop_moving_average_is_checkpointed_and_applied(tmp_path):

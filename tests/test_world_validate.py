@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from brain_diffuser_core.world.scenes import FIELD_DEG, generate_scene, generate_scenes, scene_seed
-from brain_diffuser_core.world.validate import (ClipJudge, ObserverJudge, ValidationReport, colourfulness,
-                                                contrast_centroid_deg, hf_energy_fraction, to_world_size)
+from brain_diffuser_core.world.validate import (ClipJudge, DecodedCategoryCheck, ObserverJudge, ValidationReport,
+                                                colourfulness, contrast_centroid_deg, hf_energy_fraction,
+                                                to_world_size)
 
 
 # --------------------------------------------------------------------------------------- image measures
@@ -111,6 +112,33 @@ def test_clip_judge_nearest_centroid():
     assert judge.classify(probe) == ["face", "place"]
 
 
+def test_decoded_category_check_centres_before_the_nearest_centroid():
+    # both categories point the same way before centring: only the centred centroids tell them apart
+    feats = {"clip_text": np.array([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0], [3.0, 0.0]], np.float32).reshape(4, 1, 2)}
+    check = DecodedCategoryCheck.fit_features(feats, ["face", "face", "place", "place"])
+    assert check.categories == ("face", "place")
+    np.testing.assert_allclose(check.means["clip_text"], [2.0, 0.0])
+    assert check.classify("clip_text", np.array([[[2.5, 0.0]], [[1.2, 0.3]]])) == ["place", "face"]
+    with pytest.raises(ValueError, match="'name' must be one of \\['clip_text'\\]"):
+        check.classify("clip_vision", np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="must hold 2 values each"):
+        check.classify("clip_text", np.zeros((1, 3)))
+
+
+def _nearest_centroid(calib: np.ndarray, labels: list[str], probe: np.ndarray) -> str:
+    """Independent nearest centred centroid (cosine), one probe, plain loops."""
+    x = calib.reshape(len(calib), -1).astype(np.float64)
+    m = x.mean(0)
+    p = probe.reshape(-1).astype(np.float64) - m
+    best, best_cos = None, -np.inf
+    for c in sorted(set(labels)):
+        cen = np.mean([x[i] - m for i in range(len(x)) if labels[i] == c], axis=0)
+        cos = float(p @ cen / (np.linalg.norm(p) * np.linalg.norm(cen)))
+        if cos > best_cos:
+            best, best_cos = c, cos
+    return best
+
+
 # ---------------------------------------------------------------------------------------------- report
 def _rec(roi, subject, k, observer=None, pref=None, hf=0.1, ecc=2.0):
     return {"roi": roi, "subject": subject, "seed": k, "key": f"{roi}/{k}", "preferred": pref,
@@ -138,6 +166,27 @@ def test_report_aims_are_computed_from_the_numbers(tmp_path):
     assert ecc_aim["value"] == [1.0, 2.0, 3.0] and ecc_aim["met"] is True
     text = rep.format_table()
     assert "[MET] subj01   faces" in text and "[not met] subj01   places" in text and "UNTRAINED" in text
+    # no decoder-level check ran (no CLIP): n/a, and no decoded aim
+    summ = {r["roi"]: r for r in rep.summary()}
+    assert summ["faces"]["decoded_text_category"] == "n/a" == summ["V1"]["decoded_vision_category"]
+    assert summ["faces"]["decoded_text_is_preferred"] is None
+    assert not any("decoded" in a["aim"] for a in rep.aims()) and "dec text" in text
+    # with it: the category ROIs' decoded text category is checked against the preferred one
+    rep.decoded = {("faces", "subj01"): {"clip_text": "face", "clip_vision": "place"},
+                   ("places", "subj01"): {"clip_text": "word", "clip_vision": "place"},
+                   ("V1", "subj01"): {"clip_text": "texture", "clip_vision": "texture"}}
+    summ = {r["roi"]: r for r in rep.summary()}
+    assert (summ["faces"]["decoded_text_category"], summ["faces"]["decoded_vision_category"]) == ("face", "place")
+    assert summ["faces"]["decoded_text_is_preferred"] is True and summ["places"]["decoded_text_is_preferred"] is False
+    assert summ["V1"]["decoded_text_is_preferred"] is None and summ["V1"]["decoded_text_category"] == "texture"
+    dec = {a["aim"].split(":")[0]: a for a in rep.aims() if "decoded" in a["aim"]}
+    assert set(dec) == {"faces", "places"}
+    assert dec["faces"]["met"] is True and dec["places"]["met"] is False and dec["places"]["value"] == "word"
+    text = rep.format_table()
+    assert "[not met] subj01   places: decoded CLIP-text features nearest the place centroid" in text
+    assert "nearest word" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("faces "))
+    assert "face" in line.split()[5:] and "place" in line.split()
 
 
 # ----------------------------------------------------------------------------------------- end to end
@@ -178,9 +227,35 @@ def test_cli_validate_end_to_end_writes_the_report(small_bundle, tmp_path, capsy
     assert all(r["clip"] in ("face", "body", "place", "word", "object", "texture") for r in recs)
     assert "nearest centroid over 6 categories" in report["clip_note"]
     # nothing claims the category aim with 2 seeds
-    assert all(not a["met"] for a in report["aims"] if a["aim"].startswith("faces"))
+    assert all(not a["met"] for a in report["aims"] if a["aim"].startswith("faces: >="))
     summ = {(r["roi"], r["subject"]): r for r in report["summary"]}
     assert summ[("faces", "average")]["n_voxels"] > summ[("faces", "subj01")]["n_voxels"] > 0
+
+    # decoder level: each (roi, subject) has the decoded categories, and they match an independent nearest
+    # centred centroid over the bundle CLIP's features of the same 48 calibration scenes
+    cats = {"face", "body", "place", "word", "object", "texture"}
+    assert all(r["decoded_text_category"] in cats and r["decoded_vision_category"] in cats for r in report["summary"])
+    assert "dec text" in printed and "decoder-level check" in printed
+    from brain_diffuser_core.bundle import load_bundle
+    from brain_diffuser_core.features.clip import ClipFeatureExtractor
+    from brain_diffuser_core.nsd import load_subject
+    from brain_diffuser_core.pipeline import BrainDiffuser
+    from brain_diffuser_core.world.validate import world_calibration_scenes
+
+    clip = ClipFeatureExtractor.from_pretrained(load_bundle(bundle).models["versatile_diffusion"]["path"])
+    scenes = world_calibration_scenes(root, 48)
+    labels = [sc.category for sc in scenes]
+    calib = {"clip_text": clip.text_embeddings_batch([sc.captions for sc in scenes]),
+             "clip_vision": clip.vision_embeddings(np.stack([sc.image for sc in scenes]))}
+    bd = BrainDiffuser(bundle, device="cpu")
+    subs = {s: load_subject(root, s, cache_dir=cache / "nsd", progress=False) for s in (1, 2)}
+    for roi, label, members in [("faces", "subj01", [1]), ("V1", "average", [1, 2])]:
+        feats = bd.pattern_features({s: subs[s].synthetic_pattern({roi: 1.0}) for s in members})
+        for name, col in (("clip_text", "decoded_text_category"), ("clip_vision", "decoded_vision_category")):
+            assert summ[(roi, label)][col] == _nearest_centroid(calib[name], labels, feats[name][0]), (roi, name)
+    dec = [a for a in report["aims"] if a["aim"].startswith("faces: decoded")]
+    assert [a["subject"] for a in dec] == ["subj01", "average"]
+    assert all(a["met"] == (summ[("faces", a["subject"])]["decoded_text_category"] == "face") for a in dec)
 
     with open(out / "per_seed.csv") as f:
         rows = list(csv.DictReader(f))
@@ -202,6 +277,27 @@ def test_cli_validate_rejects_subjects_outside_the_bundle(small_bundle, tmp_path
         validate_bundle(bd, root, subjects=[5], n_seeds=1, cache_dir=cache / "nsd")
     with pytest.raises(ValueError, match="'judge' must be one of"):
         validate_bundle(bd, root, judge="human", n_seeds=1, cache_dir=cache / "nsd")
+
+
+def test_decoder_check_is_na_when_the_bundle_clip_does_not_load(small_bundle, monkeypatch):
+    from brain_diffuser_core.features.clip import ClipFeatureExtractor
+    from brain_diffuser_core.pipeline import BrainDiffuser
+    from brain_diffuser_core.world.validate import validate_bundle
+
+    root, cache, bundle = small_bundle
+    bd = BrainDiffuser(bundle, device="cpu")
+
+    def fail(*args, **kwargs):
+        raise OSError("no CLIP here")
+
+    monkeypatch.setattr(ClipFeatureExtractor, "from_pretrained", fail)  # the towers are gone after loading
+    rep = validate_bundle(bd, root, rois=["faces"], subjects=[1], n_seeds=1,
+                          n_calibration=24, cache_dir=cache / "nsd", run_stage2=False)
+    (row,) = rep.summary()
+    assert row["decoded_text_category"] == "n/a" == row["decoded_vision_category"]
+    assert row["clip_preferred_fraction"] is None and rep.decoded == {}
+    assert "no CLIP here" in rep.decoded_note and "no CLIP here" in rep.clip_note
+    assert not any("decoded" in a["aim"] for a in rep.aims())
 
 
 def test_world_calibration_scenes_are_the_worlds_train_images(small_bundle):

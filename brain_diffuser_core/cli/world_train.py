@@ -20,13 +20,16 @@ and write them where the demo bundle looks for them (assets/demo/models by defau
           10% unconditional items for classifier-free guidance
 
 Outputs: <out>/vdvae.safetensors + vdvae.json, <out>/versatile-diffusion/ (diffusers layout with the CLIP
-towers inside), <out>/training.json. Checkpoints go to --work every 200 steps; an interrupted run (Ctrl-C)
+towers inside), <out>/training.json and, last, <out>/MANIFEST.json (size and sha256 of every model file;
+the demo refuses missing or corrupt files and names them). --manifest-only (re)writes MANIFEST.json for an
+existing folder without training. Checkpoints go to --work every 200 steps; an interrupted run (Ctrl-C)
 resumes there. Expected time on 2 CPU cores with the default steps: about 1.5-2 hours (use --minutes to cap it;
 each stage gets a share); a GPU does it in minutes.
 
 examples:
   python -m brain_diffuser_core world train --out assets/demo/models --minutes 90
   python -m brain_diffuser_core world train --steps all=3 --out /tmp/smoke      # a smoke run
+  python -m brain_diffuser_core world train --manifest-only --out assets/demo/models
 """
 
 
@@ -47,12 +50,28 @@ def add_train_action(actions) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, metavar="T", help="torch CPU threads (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--manifest-only", action="store_true",
+                   help="only (re)write <out>/MANIFEST.json for the model files already there (no training)")
     p.set_defaults(func=run_train)
     return p
 
 
 def run_train(args: argparse.Namespace) -> int:
     import json
+
+    if args.manifest_only:
+        import sys
+
+        from ..world.demo import DemoModelsError, write_models_manifest
+
+        try:
+            path = write_models_manifest(args.out)
+        except DemoModelsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        n = len(json.loads(path.read_text())["files"])
+        print(f"{path} written ({n} model files)")
+        return 0
 
     from ..world.train import STAGES, parse_steps, train_demo_models
 

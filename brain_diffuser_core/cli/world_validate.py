@@ -20,6 +20,12 @@ average) with a decoder bundle fitted on a MiniNSD world, and score them against
                                  (observer judge: noise-free response of the category areas, calibrated on
                                  the world's train images; CLIP judge: nearest category centroid in the
                                  bundle CLIP's image space, when it loads)          aim >= 80% over >= 16 seeds
+  decoder level                  per ROI and subject, before generating: the category whose centroid is
+                                 nearest (cosine, mean-centred) to the pattern's decoded CLIP-text and
+                                 CLIP-vision features (columns "dec text" / "dec vis", summary fields
+                                 decoded_text_category / decoded_vision_category; n/a without the bundle's
+                                 CLIP). A category ROI decoded to the wrong category points at the decoders;
+                                 one decoded right but judged wrong points at the generator
   V1, V4                         high-spatial-frequency energy fraction and colourfulness   aim: V1 HF > V4 HF
   ecc0pt5 ... ecc4+              radial centre of mass of contrast energy (deg)   aim: moves outward by band
 

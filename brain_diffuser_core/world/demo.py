@@ -5,11 +5,12 @@
 1. makes sure the MiniNSD world exists (:func:`~brain_diffuser_core.world.build.ensure_world`);
 2. takes the demo models from ``assets/demo/models/`` (``vdvae.safetensors`` + ``vdvae.json`` and a
    Versatile Diffusion folder ``versatile-diffusion/`` with the CLIP towers inside, as written by
-   ``python -m brain_diffuser_core world train``, see :mod:`brain_diffuser_core.world.train`). When they are
-   absent it falls back to untrained tiny random models of the same architectures (written once into the
-   cache), logs "demo models not trained yet: run `python -m brain_diffuser_core world train`" and flags it in
-   the bundle manifest's ``models`` section (a reference named :data:`UNTRAINED_KEY` instead of
-   :data:`TRAINED_KEY`) and in ``demo.json``;
+   ``python -m brain_diffuser_core world train``, see :mod:`brain_diffuser_core.world.train`), checked
+   against their ``MANIFEST.json`` (:func:`verify_demo_models`, see "Demo model checks" below). When the
+   folder holds no model file at all it falls back to untrained tiny random models of the same architectures
+   (written once into the cache), logs "demo models not trained yet: run `python -m brain_diffuser_core world
+   train`" and flags it in the bundle manifest's ``models`` section (a reference named :data:`UNTRAINED_KEY`
+   instead of :data:`TRAINED_KEY`) and in ``demo.json``;
 3. extracts the world images' features with those models through the ``extract`` loop
    (:func:`~brain_diffuser_core.features.extract.extract_features`);
 4. fits the decoders of every world subject through the ``fit`` path
@@ -19,6 +20,34 @@
 5. writes the bundle atomically to ``<cache>/demo-bundle`` with a stamp (``demo.json``): the bundle is rebuilt
    when the world's files, the models' checksums, the subjects or :data:`DEMO_FORMAT_VERSION` change.
 
+Demo model checks
+-----------------
+``world train`` ends by writing ``<models>/MANIFEST.json`` (:func:`write_models_manifest`): relative path,
+size in bytes and sha256 of every model file (``vdvae.safetensors``, ``vdvae.json``, every file under
+``versatile-diffusion/``; not ``training.json``, ``README*`` or the manifest itself). ``ensure_demo_bundle``
+then decides:
+
+* ``MANIFEST.json`` present: every listed file must exist with its size and sha256, else
+  :class:`DemoModelsError` naming each missing or corrupt file and the two fixes (restore the shipped files
+  with ``git checkout -- assets/demo/models``, or rebuild them with ``python -m brain_diffuser_core world
+  train --out assets/demo/models``, about 1.5-2 h on 2 CPU cores). No silent fallback.
+* no model file at all: the untrained fallback above (flagged).
+* some model files but no manifest: :class:`DemoModelsError` naming the files of the demo layout
+  (:data:`REQUIRED_FILES`) that are missing; when none is missing the folder is used with a logged warning
+  that it cannot be checked (write the manifest with ``world train --manifest-only --out DIR``).
+
+Checksums cost about 0.05 s per 10 MB (measured: 0.051 s for the 11.5 MB demo models, cold memo, warm page
+cache; 0.001 s from memory, 0.005 s from the memo file). Each file's sha256 is computed once per content and
+remembered, keyed by (absolute path, size, mtime_ns, ctime_ns, inode), in memory and in
+``<cache>/demo-models-checksums.json`` (:data:`CHECKSUMS_FILE`). Any write to a file changes its ctime
+(which ``touch`` cannot set back), so an edited file is hashed again; ``models_digest`` shares the memo.
+
+A full disk while the world, the features or the bundle are written raises :class:`DemoDiskFullError` (an
+``OSError`` with errno ENOSPC) naming the folder and saying how to pick another cache
+(``BRAIN_DIFFUSER_CACHE``); the bundle folder is written through :func:`~brain_diffuser_core.io.atomic_dir`,
+so a failed build leaves either nothing or the previous bundle (whose stamp does not match), never a
+complete-looking one.
+
 With the untrained tiny models the whole build takes about 50 s after the world (about 12 s) on this project's
 2-core machines with one torch thread (``benchmarks/demo_latency.py --threads 1``). On a machine whose cores are
 already busy, two torch threads are several times slower than one (oversubscription): set
@@ -26,13 +55,16 @@ already busy, two torch threads are several times slower than one (oversubscript
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -45,7 +77,16 @@ __all__ = [
     "TRAINED_KEY",
     "UNTRAINED_KEY",
     "NOT_TRAINED_MESSAGE",
+    "MANIFEST_FILE",
+    "REQUIRED_FILES",
+    "CHECKSUMS_FILE",
+    "DemoModelsError",
+    "DemoDiskFullError",
+    "explain_disk_full",
     "demo_models_present",
+    "model_files",
+    "write_models_manifest",
+    "verify_demo_models",
     "models_digest",
     "ensure_untrained_models",
     "ensure_demo_bundle",
@@ -65,6 +106,33 @@ TRAINED_KEY = "demo_models"
 UNTRAINED_KEY = "untrained_random_demo_models"
 NOT_TRAINED_MESSAGE = "demo models not trained yet: run `python -m brain_diffuser_core world train`"
 STAMP_FILE = "demo.json"
+#: the models folder's list of files with their sizes and sha256 (written by ``world train``)
+MANIFEST_FILE = "MANIFEST.json"
+MANIFEST_FORMAT = 1
+#: files the demo layout cannot do without (checked when a folder has model files but no manifest)
+REQUIRED_FILES: tuple[str, ...] = (
+    VDVAE_FILE,
+    "vdvae.json",
+    f"{VD_FOLDER}/model_index.json",
+    f"{VD_FOLDER}/text_encoder/config.json",
+    f"{VD_FOLDER}/text_encoder/model.safetensors",
+    f"{VD_FOLDER}/image_encoder/config.json",
+    f"{VD_FOLDER}/image_encoder/model.safetensors",
+    f"{VD_FOLDER}/image_unet/config.json",
+    f"{VD_FOLDER}/image_unet/diffusion_pytorch_model.safetensors",
+    f"{VD_FOLDER}/text_unet/config.json",
+    f"{VD_FOLDER}/text_unet/diffusion_pytorch_model.safetensors",
+    f"{VD_FOLDER}/vae/config.json",
+    f"{VD_FOLDER}/vae/diffusion_pytorch_model.safetensors",
+    f"{VD_FOLDER}/scheduler/scheduler_config.json",
+    f"{VD_FOLDER}/tokenizer/vocab.json",
+    f"{VD_FOLDER}/tokenizer/merges.txt",
+    f"{VD_FOLDER}/image_feature_extractor/preprocessor_config.json",
+)
+#: remembered sha256 of model files, under the cache folder
+CHECKSUMS_FILE = "demo-models-checksums.json"
+#: how long a rebuild takes (said in error messages)
+REBUILD_TIME = "about 1.5-2 h on 2 CPU cores"
 #: ridge alphas tried per feature (exact leave-one-out on the first subject)
 ALPHA_GRID: tuple[float, ...] = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
 #: target columns sampled to score the alphas, and train rows for the leave-one-out rescaling statistics
@@ -74,6 +142,100 @@ _LOO_ROWS = 512
 ProgressFn = Callable[[str, int, int], None]
 
 
+# --------------------------------------------------------------------------------------------- errors
+class DemoModelsError(RuntimeError):
+    """The demo models folder is unusable: missing or corrupt files (named), with the ways to fix it.
+
+    Attributes: ``models_dir`` (Path) and ``problems`` ({relative path: "missing" | "corrupt: ..."}).
+    """
+
+    def __init__(self, models_dir: str | Path, problems: dict[str, str], note: str = ""):
+        self.models_dir = Path(models_dir)
+        self.problems = dict(problems)
+        lines = [f"the demo models in {self.models_dir} are not usable{note}:"]
+        lines += [f"  - {rel}: {why}" for rel, why in self.problems.items()]
+        lines.append(_fix_text(self.models_dir))
+        super().__init__("\n".join(lines))
+
+
+class DemoDiskFullError(OSError):
+    """The disk filled up while the demo (world, features, bundle) was written; ``errno`` is ENOSPC.
+
+    ``str(err)`` names the folder and how to choose another cache (``BRAIN_DIFFUSER_CACHE``).
+    """
+
+
+def _display_dir(models_dir: Path) -> str:
+    """``assets/demo/models`` for the shipped folder (commands run from the repository root), else the path."""
+    return "assets/demo/models" if Path(models_dir).resolve() == DEFAULT_MODELS_DIR else str(models_dir)
+
+
+def _fix_text(models_dir: Path) -> str:
+    where = _display_dir(models_dir)
+    restore = ("restore the shipped files with `git checkout -- assets/demo/models`" if where == "assets/demo/models"
+               else "restore the files from where they came (the shipped demo models: `git checkout -- "
+                    "assets/demo/models`)")
+    return f"fix: {restore}, or rebuild them with `python -m brain_diffuser_core world train --out {where}` " \
+           f"({REBUILD_TIME})."
+
+
+# --------------------------------------------------------------------------------------------- checksums
+_MEMO: dict[str, dict] = {}
+_MEMO_LOCK = threading.Lock()
+#: memo file -> {absolute path: stat key} of the entries that file holds (read once per process)
+_PERSISTED: dict[str, dict[str, list]] = {}
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)]
+
+
+def _load_memo(memo_file: Path) -> dict[str, list]:
+    """Merge ``memo_file``'s entries into memory (once per process); returns what the file holds."""
+    name = str(memo_file)
+    if name not in _PERSISTED:
+        held: dict[str, list] = {}
+        try:
+            saved = json.loads(Path(memo_file).read_text())
+            for k, v in saved.get("files", {}).items():
+                if isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("stat"), list):
+                    held[k] = list(v["stat"])
+                    _MEMO.setdefault(k, {"stat": list(v["stat"]), "sha256": v["sha256"]})
+        except (OSError, ValueError, AttributeError):  # absent or damaged: start afresh
+            pass
+        _PERSISTED[name] = held
+    return _PERSISTED[name]
+
+
+def _sha256_memo(path: Path, memo_file: Path | None = None) -> str:
+    """sha256 of ``path``, computed once per (absolute path, size, mtime_ns, ctime_ns, inode).
+
+    The answers live in memory and, when ``memo_file`` is given, in that JSON file ({"files": {path:
+    {"stat": [...], "sha256": hex}}}, read once per process, rewritten atomically when it lacks an answer;
+    an unreadable memo file is ignored, one that cannot be written only costs time).
+    """
+    key = str(Path(path).resolve())
+    stat = _stat_key(Path(path))
+    with _MEMO_LOCK:
+        held = _load_memo(memo_file) if memo_file is not None else None
+        hit = _MEMO.get(key)
+        digest = hit["sha256"] if hit is not None and hit["stat"] == stat else None
+    if digest is None:
+        digest = sha256_file(path)
+    with _MEMO_LOCK:
+        _MEMO[key] = {"stat": stat, "sha256": digest}
+        if held is not None and held.get(key) != stat:
+            keep = {k: _MEMO[k] for k in list(held) + [key] if k in _MEMO}
+            try:
+                atomic_write_json(memo_file, {"files": keep})
+                held.clear()
+                held.update({k: v["stat"] for k, v in keep.items()})
+            except OSError as err:
+                log.debug("could not save the checksum memo %s: %s", memo_file, err)
+    return digest
+
+
 # --------------------------------------------------------------------------------------------- models
 def demo_models_present(models_dir: str | Path) -> bool:
     """True when ``models_dir`` holds ``vdvae.safetensors`` and ``versatile-diffusion/model_index.json``."""
@@ -81,15 +243,106 @@ def demo_models_present(models_dir: str | Path) -> bool:
     return (d / VDVAE_FILE).is_file() and (d / VD_FOLDER / "model_index.json").is_file()
 
 
-def models_digest(models_dir: str | Path) -> str:
-    """sha256 over the relative paths and sha256 of every model file (VDVAE files and the VD folder)."""
+def model_files(models_dir: str | Path) -> list[str]:
+    """Relative paths (posix) of the model files present in ``models_dir``: ``vdvae.safetensors``,
+    ``vdvae.json`` (in that order, as :func:`models_digest` hashes them) and every file under
+    ``versatile-diffusion/`` (sorted); not training.json, README or the manifest."""
     d = Path(models_dir)
-    files = [d / VDVAE_FILE, d / "vdvae.json"] + sorted(p for p in (d / VD_FOLDER).rglob("*") if p.is_file())
+    files = [name for name in (VDVAE_FILE, "vdvae.json") if (d / name).is_file()]
+    if (d / VD_FOLDER).is_dir():
+        files += sorted(p.relative_to(d).as_posix() for p in (d / VD_FOLDER).rglob("*") if p.is_file())
+    return files
+
+
+def write_models_manifest(models_dir: str | Path, *, memo_file: str | Path | None = None) -> Path:
+    """Write ``<models_dir>/MANIFEST.json``: {"format": 1, "files": {relative path: {"size": bytes,
+    "sha256": hex}}} for every :func:`model_files` entry. Returns the manifest's path.
+
+    Raises :class:`DemoModelsError` when a file of :data:`REQUIRED_FILES` is missing (a manifest of a partial
+    folder would make it look complete).
+    """
+    d = Path(models_dir)
+    missing = {rel: "missing" for rel in REQUIRED_FILES if not (d / rel).is_file()}
+    if missing:
+        raise DemoModelsError(d, missing, note=f" (no {MANIFEST_FILE} written)")
+    files = {rel: {"size": (d / rel).stat().st_size,
+                   "sha256": _sha256_memo(d / rel, Path(memo_file) if memo_file else None)}
+             for rel in model_files(d)}
+    path = d / MANIFEST_FILE
+    atomic_write_json(path, {"format": MANIFEST_FORMAT, "files": files})
+    return path
+
+
+def verify_demo_models(models_dir: str | Path, *, memo_file: str | Path | None = None) -> dict[str, dict]:
+    """Check every file listed in ``<models_dir>/MANIFEST.json`` against its size and sha256.
+
+    memo_file : JSON file remembering checksums across processes (default ``<cache_root()>/`` +
+        :data:`CHECKSUMS_FILE`); each file is hashed once per content (see the module docstring).
+    Returns the manifest's ``files`` mapping. Raises :class:`DemoModelsError` naming every missing or corrupt
+    file (or an absent / unreadable manifest) and how to restore or rebuild the models.
+    """
+    d = Path(models_dir)
+    memo = Path(memo_file) if memo_file is not None else cache_root() / CHECKSUMS_FILE
+    path = d / MANIFEST_FILE
+    if not path.is_file():
+        raise DemoModelsError(d, {MANIFEST_FILE: "missing (write it with `python -m brain_diffuser_core world "
+                                                 f"train --manifest-only --out {_display_dir(d)}`)"})
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        entries = {str(rel): (int(v["size"]), str(v["sha256"])) for rel, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DemoModelsError(d, {MANIFEST_FILE: f"corrupt (expected JSON with 'files': {{path: {{size, sha256}}}}; "
+                                                 f"{type(err).__name__}: {err})"}) from None
+    problems: dict[str, str] = {}
+    absent = [rel for rel in REQUIRED_FILES if rel not in entries]
+    for rel in absent:
+        problems[rel] = f"not listed in {MANIFEST_FILE}"
+    for rel, (size, sha) in sorted(entries.items()):
+        f = d / rel
+        if not f.is_file():
+            problems[rel] = "missing"
+            continue
+        got = f.stat().st_size
+        if got != size:
+            problems[rel] = f"corrupt (size {got} bytes, {MANIFEST_FILE} says {size})"
+        elif _sha256_memo(f, memo) != sha:
+            problems[rel] = f"corrupt (sha256 differs from {MANIFEST_FILE})"
+    if problems:
+        raise DemoModelsError(d, problems)
+    return files
+
+
+def models_digest(models_dir: str | Path, *, memo_file: str | Path | None = None) -> str:
+    """sha256 over the relative paths and sha256 of every model file (VDVAE files and the VD folder).
+
+    Per-file checksums come from the memo (see the module docstring): ``memo_file`` persists them."""
+    d = Path(models_dir)
+    memo = Path(memo_file) if memo_file is not None else None
     h = hashlib.sha256()
-    for f in files:
-        if f.is_file():
-            h.update(f"{f.relative_to(d).as_posix()}\0{sha256_file(f)}\n".encode())
+    for rel in model_files(d):
+        h.update(f"{rel}\0{_sha256_memo(d / rel, memo)}\n".encode())
     return h.hexdigest()
+
+
+def _check_models(models_dir: Path, memo_file: Path) -> bool:
+    """True: use ``models_dir`` as trained models; False: no model file there (untrained fallback).
+
+    Raises :class:`DemoModelsError` (see the module docstring)."""
+    if (models_dir / MANIFEST_FILE).is_file():
+        verify_demo_models(models_dir, memo_file=memo_file)
+        return True
+    present = model_files(models_dir)
+    if not present:
+        return False
+    missing = {rel: "missing" for rel in REQUIRED_FILES if not (models_dir / rel).is_file()}
+    if missing:
+        raise DemoModelsError(models_dir, missing,
+                              note=f" (it holds {len(present)} model file(s) but no {MANIFEST_FILE})")
+    log.warning("demo models in %s have no %s: their files cannot be checked; write one with "
+                "`python -m brain_diffuser_core world train --manifest-only --out %s`",
+                models_dir, MANIFEST_FILE, _display_dir(models_dir))
+    return True
 
 
 def ensure_untrained_models(folder: str | Path, seed: int = 0) -> Path:
@@ -176,8 +429,9 @@ def ensure_demo_bundle(
     progress : callable(step: str, done: int, total: int), optional
         Called after each step (the world build's steps, then extraction batches and subject fits).
     models_dir : path, optional
-        Trained demo models (default :data:`DEFAULT_MODELS_DIR`, ``assets/demo/models``). When they are absent
-        the untrained tiny fallback is used (see the module docstring).
+        Trained demo models (default :data:`DEFAULT_MODELS_DIR`, ``assets/demo/models``), verified against
+        their ``MANIFEST.json``. When the folder holds no model file the untrained tiny fallback is used (see
+        the module docstring).
     world_root : path, optional
         An existing MiniNSD world (``build_world`` output) to use instead of ``ensure_world(cache_dir)``.
     subjects : sequence of int, optional
@@ -191,10 +445,47 @@ def ensure_demo_bundle(
     Path
         Bundle folder: ``load_bundle(path)`` / ``BrainDiffuser(path)`` read it; its manifest references the
         models it was fitted for.
-    """
-    from .build import ensure_world, read_world_info
 
+    Raises
+    ------
+    DemoModelsError
+        missing or corrupt model files (named), or a partial models folder without a manifest.
+    DemoDiskFullError
+        the disk filled up (names the folder and ``BRAIN_DIFFUSER_CACHE``); nothing complete-looking is left.
+    """
     cache = Path(cache_dir) if cache_dir is not None else cache_root()
+    folders = [cache] + ([Path(bundle_dir).parent] if bundle_dir is not None else [])
+    with explain_disk_full(*folders):
+        return _ensure(cache, progress, models_dir, world_root, subjects, bundle_dir, device)
+
+
+@contextlib.contextmanager
+def explain_disk_full(*folders: str | Path) -> Iterator[None]:
+    """Re-raise a full-disk ``OSError`` (ENOSPC, EDQUOT) of the block as :class:`DemoDiskFullError` naming
+    ``folders`` (where the demo writes) and how to choose another cache (``BRAIN_DIFFUSER_CACHE``); other
+    errors pass unchanged. E.g. ``with explain_disk_full(cache_root()): ensure_world()``."""
+    try:
+        yield
+    except OSError as err:
+        full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        if not full or isinstance(err, DemoDiskFullError):
+            raise
+        raise _disk_full(err, folders) from err
+
+
+def _disk_full(err: OSError, folders: Sequence[str | Path]) -> DemoDiskFullError:
+    where = " and ".join(dict.fromkeys(str(f) for f in folders)) or str(cache_root())
+    what = f" while writing {err.filename}" if err.filename else ""
+    return DemoDiskFullError(
+        err.errno,
+        f"the disk is full{what} ({err.strerror or err}): the demo (world, features and decoder bundle) is "
+        f"written under {where}. Free space there, or choose another cache folder with the BRAIN_DIFFUSER_CACHE "
+        f"environment variable, e.g. `BRAIN_DIFFUSER_CACHE=/path/with/space streamlit run app.py`. "
+        f"No incomplete bundle was kept.")
+
+
+def _ensure(cache: Path, progress, models_dir, world_root, subjects, bundle_dir, device) -> Path:
+    from .build import ensure_world, read_world_info
 
     # 1. The world
     if world_root is None:
@@ -208,13 +499,14 @@ def ensure_demo_bundle(
         raise ValueError(f"'subjects' must be a non-empty subset of the world's subjects {world_subjects}; "
                          f"{list(subjects)} was provided")
 
-    # 2. The models (trained, else the untrained tiny fallback)
+    # 2. The models (trained and verified, else the untrained tiny fallback when the folder holds none)
     models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
-    trained = demo_models_present(models_dir)
+    memo = cache / CHECKSUMS_FILE
+    trained = _check_models(models_dir, memo)
     if not trained:
         log.warning(NOT_TRAINED_MESSAGE)
         models_dir = ensure_untrained_models(cache / "demo-models-untrained")
-    digest = models_digest(models_dir)
+    digest = models_digest(models_dir, memo_file=memo)
     want = {"demo_format": DEMO_FORMAT_VERSION, "world_sha256": world_sha, "models_sha256": digest,
             "subjects": subjects}
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else cache / "demo-bundle"
@@ -271,7 +563,7 @@ def _build(bundle_dir: Path, cache: Path, world_root: Path, models_dir: Path, tr
     alphas, scores = _choose_alphas(subs[subjects[0]], store)
     flag = TRAINED_KEY if trained else UNTRAINED_KEY
     models = {
-        "vdvae": {"path": str(vdvae_path.resolve()), "sha256": sha256_file(vdvae_path)},
+        "vdvae": {"path": str(vdvae_path.resolve()), "sha256": _sha256_memo(vdvae_path, cache / CHECKSUMS_FILE)},
         "versatile_diffusion": {"path": str(vd_path.resolve()), "sha256": want["models_sha256"]},
         flag: {"path": str(models_dir.resolve()), "sha256": want["models_sha256"]},
     }

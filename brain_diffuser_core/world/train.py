@@ -24,7 +24,9 @@
 Outputs (the layouts the normal loaders read): ``<out>/vdvae.safetensors`` + ``vdvae.json``
 (:func:`~brain_diffuser_core.features.vdvae.load_vdvae`), ``<out>/versatile-diffusion/`` (every VD subfolder,
 :func:`~brain_diffuser_core.diffusion.load_versatile_diffusion`, ``ClipFeatureExtractor.from_pretrained``) and
-``<out>/training.json`` (steps, final losses, seconds per stage). About 3 MB of weights in all.
+``<out>/training.json`` (steps, final losses, seconds per stage) and last ``<out>/MANIFEST.json`` (size and
+sha256 of every model file, :func:`~brain_diffuser_core.world.demo.write_models_manifest`; the demo bundle
+verifies the files against it). About 12 MB of weights in all.
 
 Expected time on 2 CPU cores, default steps (:data:`DEFAULT_STEPS`): measured here with one thread on a busy
 shared machine, a step took about 0.45 s (clip, batch 64), 0.85 s (vdvae, batch 16), 0.1 s (vae, batch 32) and
@@ -444,7 +446,8 @@ def train_demo_models(
 
     Parameters
     ----------
-    out : folder for ``vdvae.safetensors`` (+ ``.json``), ``versatile-diffusion/`` and ``training.json``.
+    out : folder for ``vdvae.safetensors`` (+ ``.json``), ``versatile-diffusion/``, ``training.json`` and
+        ``MANIFEST.json`` (written last).
     world_root : a built world (default: ``ensure_world(cache_dir)``, the app's world).
     work : checkpoints and the staged VD folder (default ``<cache>/demo-training``); a rerun resumes there.
     steps : stage -> total optimisation steps (default :data:`DEFAULT_STEPS`; 0 keeps a stage untrained).
@@ -461,6 +464,7 @@ def train_demo_models(
     from ..features.vdvae import save_vdvae
     from ..tiny_models import make_tiny_vd
     from .build import ensure_world
+    from .demo import write_models_manifest
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -544,6 +548,7 @@ def train_demo_models(
     save_vdvae(vdvae, out / "vdvae.safetensors")
     record["trained"] = {k: record["stages"][k]["steps"] >= steps[k] for k in STAGES}
     atomic_write_json(out / "training.json", record)
+    write_models_manifest(out)  # sizes + sha256 of every model file: the demo verifies them before use
     return out
 
 

@@ -25,6 +25,20 @@ pictures; in the MiniNSD world the observers' tuning is known, so the pictures c
     normalised embedding of the calibration images of each of the world's six categories. Chance 1/6.
     Only when the bundle's CLIP towers can be loaded.
 
+* **decoder level** (separates decoder faults from generator faults): before any image is generated, the
+  ROI pattern's predicted CLIP features (:meth:`~brain_diffuser_core.pipeline.BrainDiffuser.pattern_features`,
+  the subject average averaging them) are classified by :class:`DecodedCategoryCheck`: nearest category
+  centroid (cosine) among the world's six categories, separately for ``clip_text`` (77 x D, flattened) and
+  ``clip_vision`` (257 x D, flattened). Centroids are the bundle CLIP's features of the calibration scenes
+  (``text_embeddings_batch`` of their captions, ``vision_embeddings`` of their images) with the mean over all
+  calibration items subtracted, averaged per category. Summary columns ``decoded_text_category`` and
+  ``decoded_vision_category`` ("n/a" when the bundle's CLIP does not load, as for the clip judge); for a
+  category ROI the aims say whether the decoded text category is the preferred one. A category ROI whose
+  decoded features already point elsewhere has a decoder (or feature) fault; one whose decoded features are
+  right but whose images are judged wrong has a generator fault. (Measured on the cached demo bundle fitted
+  on ``assets/demo/models``, 600 calibration scenes, each of its 4 subjects and the average alike: text
+  features of faces / bodies / places / words / V1 / V4 nearest face / body / place / word / texture /
+  object; vision features weaker: face, body, then body for places, words, V1 and V4.)
 * **V1 vs V4**: high-spatial-frequency energy (:func:`hf_energy_fraction`) and colourfulness
   (:func:`colourfulness`, Hasler & Suesstrunk 2003). Aim: V1 scenes carry more high-frequency energy.
 * **eccentricity bands**: radial centre of mass of contrast energy (:func:`contrast_centroid_deg`, degrees
@@ -65,6 +79,9 @@ __all__ = [
     "CoverageModel",
     "ObserverJudge",
     "ClipJudge",
+    "DecodedCategoryCheck",
+    "DECODED_FEATURES",
+    "NOT_AVAILABLE",
     "ValidationReport",
     "validate_bundle",
     "world_calibration_scenes",
@@ -82,6 +99,11 @@ HF_CUTOFF_CPD = 1.5
 #: Gaussian sigma (degrees) of the blur subtracted to get local contrast for the eccentricity centroid
 CONTRAST_SIGMA_DEG = 0.15
 JUDGES: tuple[str, ...] = ("observer", "clip")
+#: decoded features checked at the decoder level, and their summary columns
+DECODED_FEATURES: Mapping[str, str] = {"clip_text": "decoded_text_category",
+                                       "clip_vision": "decoded_vision_category"}
+#: summary value when the decoder-level check could not run (the bundle's CLIP did not load)
+NOT_AVAILABLE = "n/a"
 #: subject label of the subject average
 AVERAGE = "average"
 
@@ -356,6 +378,67 @@ class ClipJudge:
         return [self.categories[i] for i in np.argmax(e @ self.centroids.T, axis=1)]
 
 
+class DecodedCategoryCheck:
+    """Nearest category centroid of decoded CLIP features (the decoder-level check).
+
+    For each feature (``clip_text``, ``clip_vision``): items are flattened to vectors, the mean over the
+    calibration items is subtracted, and a vector is labelled with the category whose centroid (the mean of
+    that category's centred calibration vectors, unit-normalised) has the largest cosine similarity with it.
+
+    means : feature -> float32 (d,) calibration mean; centroids : feature -> float32 (n_categories, d) unit
+    rows; categories : the centroids' row labels.
+    """
+
+    def __init__(self, means: Mapping[str, np.ndarray], centroids: Mapping[str, np.ndarray],
+                 categories: Sequence[str]):
+        self.means = {k: np.asarray(v, np.float32) for k, v in means.items()}
+        self.centroids = {k: np.asarray(v, np.float32) for k, v in centroids.items()}
+        self.categories = tuple(categories)
+
+    @classmethod
+    def fit_features(cls, features: Mapping[str, np.ndarray], labels: Sequence[str]) -> "DecodedCategoryCheck":
+        """Calibrate on features {name: (n, ...)} of n items with category ``labels`` (n,)."""
+        labels = list(labels)
+        lab = np.asarray(labels)
+        cats = [c for c in CATEGORIES if c in set(labels)] + sorted(set(labels) - set(CATEGORIES))
+        means, centroids = {}, {}
+        for name, x in features.items():
+            x = np.asarray(x, np.float32)
+            if len(x) != len(labels):
+                raise ValueError(f"'labels' must hold one category per item of {name!r} ({len(x)}); "
+                                 f"{len(labels)} were provided")
+            x = x.reshape(len(x), -1)
+            means[name] = x.mean(0)
+            c = np.stack([(x[lab == k] - means[name]).mean(0) for k in cats])
+            centroids[name] = ClipJudge._unit(c)
+        return cls(means, centroids, cats)
+
+    @classmethod
+    def fit(cls, extractor, scenes: Sequence[Scene], batch_size: int = 64) -> "DecodedCategoryCheck":
+        """Calibrate on ``scenes`` with a :class:`~brain_diffuser_core.features.clip.ClipFeatureExtractor`:
+        ``text_embeddings_batch`` of their captions (n, 77, D) and ``vision_embeddings`` of their images
+        (n, 257, D), the spaces the bundle's decoders predict."""
+        feats = {"clip_text": extractor.text_embeddings_batch([list(s.captions) or [""] for s in scenes]),
+                 "clip_vision": extractor.vision_embeddings(np.stack([s.image for s in scenes]),
+                                                            batch_size=batch_size)}
+        return cls.fit_features(feats, [s.category for s in scenes])
+
+    def scores(self, name: str, x) -> np.ndarray:
+        """Cosine similarities float32 (n, n_categories) of centred items ``x`` (n, ...) of feature ``name``."""
+        if name not in self.centroids:
+            raise ValueError(f"'name' must be one of {sorted(self.centroids)}; {name!r} was provided")
+        x = np.asarray(x, np.float32)
+        x = x.reshape(len(x), -1)
+        if x.shape[1] != self.means[name].shape[0]:
+            raise ValueError(f"{name!r} items must hold {self.means[name].shape[0]} values each (as calibrated); "
+                             f"{x.shape[1]} were provided")
+        return (ClipJudge._unit(x - self.means[name]) @ self.centroids[name].T).astype(np.float32)
+
+    def classify(self, name: str, x) -> list[str]:
+        """The nearest category of each item of ``x`` (n, ...) of feature ``name``."""
+        return [self.categories[i] for i in np.argmax(self.scores(name, x), axis=1)]
+
+
 def world_calibration_scenes(world_root, n_images: int = 600, split: str = "train") -> list[Scene]:
     """Up to ``n_images`` of the world's ``split`` images (regenerated from ``world/images.json`` seeds,
     category-balanced, evenly spaced), with their scene graphs."""
@@ -394,6 +477,8 @@ class ValidationReport:
         or None), hf_fraction, colourfulness, ecc_centroid_deg.
     images : (roi, subject label) -> uint8 (n_seeds, H, W, 3) the generated images (not serialised).
     n_voxels : (roi, subject label) -> voxels in the ROI (summed over subjects for the average).
+    decoded : (roi, subject label) -> {"clip_text": category, "clip_vision": category}, the decoder-level
+        check (:class:`DecodedCategoryCheck`); absent when the bundle's CLIP did not load.
     """
 
     rois: list[str]
@@ -403,7 +488,9 @@ class ValidationReport:
     records: list[dict] = field(default_factory=list)
     images: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     n_voxels: dict[tuple[str, str], int] = field(default_factory=dict)
+    decoded: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     clip_note: str = ""
+    decoded_note: str = ""
     models_trained: bool | None = None
     settings: dict = field(default_factory=dict)
 
@@ -412,7 +499,9 @@ class ValidationReport:
         return [r for r in self.records if r["roi"] == roi and r["subject"] == subject]
 
     def summary(self) -> list[dict]:
-        """One dict per (roi, subject): n, voxels, preferred fractions by judge, mean image measures."""
+        """One dict per (roi, subject): n, voxels, preferred fractions by judge, the decoder-level categories
+        (``decoded_text_category``, ``decoded_vision_category``: a category or "n/a";
+        ``decoded_text_is_preferred``: bool for category ROIs, else None), mean image measures."""
         out = []
         for roi in self.rois:
             for subj in self.subjects:
@@ -432,6 +521,12 @@ class ValidationReport:
                     row[f"{j}_other_rois_fraction"] = (float(np.mean([v == pref for v in ovals]))
                                                        if pref is not None and ovals else None)
                     row[f"{j}_counts"] = {c: sum(v == c for v in vals) for c in sorted(set(vals))} if vals else {}
+                dec = self.decoded.get((roi, subj), {})
+                for feat, col in DECODED_FEATURES.items():
+                    row[col] = dec.get(feat) or NOT_AVAILABLE
+                text = row["decoded_text_category"]
+                row["decoded_text_is_preferred"] = (text == pref if pref is not None and text != NOT_AVAILABLE
+                                                    else None)
                 for m in ("hf_fraction", "colourfulness", "ecc_centroid_deg"):
                     v = np.array([r[m] for r in rows], np.float64)
                     row[m] = float(np.nanmean(v)) if np.isfinite(v).any() else None
@@ -447,13 +542,20 @@ class ValidationReport:
         for subj in self.subjects:
             for roi in CATEGORY_ROIS:
                 r = summ.get((roi, subj))
-                if r is None or r[key] is None:
+                if r is None:
                     continue
-                out.append({"aim": f"{roi}: >= 80% {CATEGORY_ROIS[roi]} scenes ({self.judge} judge) over >= 16 seeds",
-                            "subject": subj, "value": r[key], "target": 0.8,
-                            "other_rois_fraction": r[f"{self.judge}_other_rois_fraction"],
-                            "category": CATEGORY_ROIS[roi],
-                            "met": bool(r[key] >= 0.8 and r["n"] >= 16)})
+                if r[key] is not None:
+                    out.append({"aim": f"{roi}: >= 80% {CATEGORY_ROIS[roi]} scenes ({self.judge} judge) over >= 16 "
+                                       "seeds",
+                                "subject": subj, "value": r[key], "target": 0.8,
+                                "other_rois_fraction": r[f"{self.judge}_other_rois_fraction"],
+                                "category": CATEGORY_ROIS[roi],
+                                "met": bool(r[key] >= 0.8 and r["n"] >= 16)})
+                if r["decoded_text_is_preferred"] is not None:
+                    out.append({"aim": f"{roi}: decoded CLIP-text features nearest the {CATEGORY_ROIS[roi]} "
+                                       "centroid (decoder level)",
+                                "subject": subj, "value": r["decoded_text_category"],
+                                "target": CATEGORY_ROIS[roi], "met": bool(r["decoded_text_is_preferred"])})
             v1, v4 = summ.get(("V1", subj)), summ.get(("V4", subj))
             if v1 and v4 and v1["hf_fraction"] is not None and v4["hf_fraction"] is not None:
                 out.append({"aim": "V1 scenes carry more high-frequency energy than V4 scenes", "subject": subj,
@@ -474,13 +576,16 @@ class ValidationReport:
             return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
         head = (f"{'roi':<8} {'subject':<8} {'n':>3} {'voxels':>6} {'pref':<6} {'observer':>8} {'clip':>6} "
-                f"{'HF frac':>8} {'colour':>7} {'ecc deg':>7}")
+                f"{'dec text':<8} {'dec vis':<8} {'HF frac':>8} {'colour':>7} {'ecc deg':>7}")
         lines = [head, "-" * len(head)]
         for r in self.summary():
             lines.append(f"{r['roi']:<8} {r['subject']:<8} {r['n']:>3} {f(r['n_voxels'], 'd'):>6} "
                          f"{r['preferred'] or '-':<6} {f(r['observer_preferred_fraction'], '.0%'):>8} "
-                         f"{f(r['clip_preferred_fraction'], '.0%'):>6} {f(r['hf_fraction'], '.3f'):>8} "
+                         f"{f(r['clip_preferred_fraction'], '.0%'):>6} {r['decoded_text_category']:<8} "
+                         f"{r['decoded_vision_category']:<8} {f(r['hf_fraction'], '.3f'):>8} "
                          f"{f(r['colourfulness'], '.1f'):>7} {f(r['ecc_centroid_deg'], '.2f'):>7}")
+        lines.append("dec text / dec vis: category nearest to the decoded CLIP-text / CLIP-vision features of the ROI "
+                     "pattern (decoder level, before generation; n/a without the bundle's CLIP)")
         lines.append("")
         lines.append("aims (computed from the numbers above):")
         for a in self.aims():
@@ -490,6 +595,8 @@ class ValidationReport:
                 o = a.get("other_rois_fraction")
                 if o is not None:
                     vs += f" (other ROIs' scenes judged {a['category']}: {o:.0%})"
+            elif isinstance(v, str):
+                vs = f"nearest {v}"
             elif isinstance(v, dict):
                 vs = ", ".join(f"{k} {x:.3f}" for k, x in v.items())
             else:
@@ -497,6 +604,8 @@ class ValidationReport:
             lines.append(f"  [{'MET' if a['met'] else 'not met'}] {a['subject']:<8} {a['aim']}: {vs}")
         if self.clip_note:
             lines.append(f"clip judge: {self.clip_note}")
+        if self.decoded_note:
+            lines.append(f"decoder-level check: {self.decoded_note}")
         if self.models_trained is False:
             lines.append("NOTE: the bundle's generative models are UNTRAINED random demo models: these numbers "
                          "say nothing about Brain-Diffuser; train them with `world train`.")
@@ -504,7 +613,8 @@ class ValidationReport:
 
     def to_json(self) -> dict:
         return {"rois": self.rois, "subjects": self.subjects, "n_seeds": self.n_seeds, "judge": self.judge,
-                "models_trained": self.models_trained, "clip_note": self.clip_note, "settings": self.settings,
+                "models_trained": self.models_trained, "clip_note": self.clip_note,
+                "decoded_note": self.decoded_note, "settings": self.settings,
                 "rules": {"hf_cutoff_cpd": HF_CUTOFF_CPD, "contrast_sigma_deg": CONTRAST_SIGMA_DEG,
                           "field_deg": FIELD_DEG, "scored_size_px": IMAGE_SIZE},
                 "summary": self.summary(), "aims": self.aims(), "records": self.records}
@@ -577,20 +687,31 @@ def _contact_sheet(roi: str, rows: list[tuple[str, np.ndarray]], path: Path, cel
 
 
 # --------------------------------------------------------------------------------------------- driver
-def _load_clip_judge(diffuser, scenes: Sequence[Scene]) -> tuple["ClipJudge | None", str]:
-    """A :class:`ClipJudge` on the bundle's CLIP image tower, or (None, why not)."""
+def _load_clip(diffuser) -> tuple[object | None, str, str]:
+    """The bundle's :class:`~brain_diffuser_core.features.clip.ClipFeatureExtractor`, or (None, why not, "")."""
     from ..features.clip import ClipFeatureExtractor
-    from ..metrics import ClipImageNetwork
 
     models = diffuser.bundle.models
     ref = models.get("clip") or models.get("versatile_diffusion")
     if ref is None:
-        return None, "unavailable: the bundle names no CLIP model"
+        return None, "unavailable: the bundle names no CLIP model", ""
     where = ref.get("path") or ref.get("hf_id")
     try:
         extractor = ClipFeatureExtractor.from_pretrained(where, device=diffuser.device)
     except (OSError, ValueError) as err:
-        return None, f"unavailable: the bundle's CLIP ({where}) could not be loaded ({str(err).splitlines()[0]})"
+        return None, f"unavailable: the bundle's CLIP ({where}) could not be loaded ({str(err).splitlines()[0]})", ""
+    return extractor, "", str(where)
+
+
+def _load_clip_judge(diffuser, scenes: Sequence[Scene], extractor=None, where: str = ""
+                     ) -> tuple["ClipJudge | None", str]:
+    """A :class:`ClipJudge` on the bundle's CLIP image tower, or (None, why not)."""
+    from ..metrics import ClipImageNetwork
+
+    if extractor is None:
+        extractor, why, where = _load_clip(diffuser)
+        if extractor is None:
+            return None, why
     net = ClipImageNetwork(extractor)
     judge = ClipJudge.fit(net, np.stack([s.image for s in scenes]), [s.category for s in scenes])
     return judge, f"nearest centroid over {len(judge.categories)} categories in the CLIP image space of {where}"
@@ -683,12 +804,20 @@ def validate_bundle(
     # 3. Judges
     scenes = world_calibration_scenes(world_root, n_calibration)
     obs_judge = ObserverJudge.fit(observers, scenes)
-    clip_judge, clip_note = _load_clip_judge(diffuser, scenes)
+    extractor, why, where = _load_clip(diffuser)
+    if extractor is not None:
+        clip_judge, clip_note = _load_clip_judge(diffuser, scenes, extractor, where)
+        decoded_check = DecodedCategoryCheck.fit(extractor, scenes)
+        decoded_note = (f"nearest centred centroid (cosine) over {len(decoded_check.categories)} categories of "
+                        f"{where}'s text / vision features of {len(scenes)} calibration scenes")
+    else:
+        clip_judge, clip_note, decoded_check, decoded_note = None, why, None, why
     if judge == "clip" and clip_judge is None:
         raise ValueError(f"judge 'clip' needs the bundle's CLIP towers; {clip_note}")
 
     report = ValidationReport(rois=rois, subjects=[_subject_label(s) for s in subjects], n_seeds=int(n_seeds),
-                              judge=judge, clip_note=clip_note, models_trained=_models_trained(diffuser.bundle),
+                              judge=judge, clip_note=clip_note, decoded_note=decoded_note,
+                              models_trained=_models_trained(diffuser.bundle),
                               settings={"base_seed": int(base_seed), "run_stage2": run_stage2,
                                         "n_calibration": len(scenes), **overrides})
     # 4. Generate and score
@@ -703,6 +832,9 @@ def validate_bundle(
             label = _subject_label(subj)
             members = avg_members if subj == AVERAGE else [subj]
             report.n_voxels[(roi, label)] = int(sum(int(patterns[s].sum()) for s in members))
+            if decoded_check is not None:  # decoder level: the features the generator will be given
+                feats = diffuser.pattern_features({s: patterns[s] for s in members})
+                report.decoded[(roi, label)] = {k: decoded_check.classify(k, feats[k])[0] for k in DECODED_FEATURES}
             name = f"validate/{roi}/{label}"
             seeds = [seed_for("pattern", name, k, base_seed=base_seed) for k in range(int(n_seeds))]
             images = []
