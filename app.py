@@ -24,6 +24,7 @@ PAGES = [
             url_path="roi-designer"),
     st.Page("pages/browse.py", title="Browse trials", icon=":material/photo_library:", url_path="trials"),
     st.Page("pages/walkthrough.py", title="Walkthrough", icon=":material/route:", url_path="step-by-step"),
+    st.Page("pages/evaluation.py", title="Evaluation", icon=":material/analytics:", url_path="evaluate"),
 ]
 #: pages (titles) on which the subject average (mean of the subjects' predicted features) applies
 AVERAGE_PAGES = {"ROI designer"}
@@ -91,6 +92,9 @@ except Exception as err:
     st.stop()
 sb.caption(f"Running on **{bd.device}** in **{str(bd.models.dtype).replace('torch.', '')}**; "
            f"bundle `{bundle.path.name}` (subjects {', '.join(map(str, subjects))}).")
+queued = bd.models.lock.queue_length()  # the models are shared by every session, one generation at a time
+if queued:
+    sb.caption(f"{queued} generation(s) running or waiting on this server now.")
 
 st.session_state[_state.CONTEXT_KEY] = _state.AppContext(
     bundle_path=bundle_path, nsd_root=nsd_root, subject=subject, subjects=subjects, device=device, seed=seed,

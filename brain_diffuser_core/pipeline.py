@@ -21,6 +21,7 @@ Euclidean norm of the training features; the subject average is the mean of the 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -34,11 +35,119 @@ from .bundle import Bundle, BundleError, load_bundle
 from .config import FEATURE_NAMES, PAPER, StageOneConfig, StageTwoConfig
 from .seeding import seed_for
 
-__all__ = ["Reconstruction", "GenerativeModels", "BrainDiffuser", "GenerationError", "resolve_device"]
+__all__ = ["Reconstruction", "GenerativeModels", "BrainDiffuser", "GenerationError", "GenerationQueue",
+           "resolve_device"]
 
 #: progress callback of a reconstruction: callback(stage, step, total, preview) with stage "stage1"/"stage2",
 #: preview a uint8 (n, H, W, 3) image batch or None.
 ProgressCallback = Callable[[str, int, int, "np.ndarray | None"], None]
+
+
+#: queue callback: on_wait(position) with position = how many generations are ahead of the caller (0: its turn)
+WaitCallback = Callable[[int], None]
+
+
+class GenerationQueue:
+    """A first-come first-served lock for the generative models, which tells waiting callers their place.
+
+    Use as a lock (``with queue: ...``) or through :meth:`acquire` / :meth:`release`. Each caller draws a
+    ticket; tickets are served in order, one at a time. While waiting, ``on_wait(position)`` is called each
+    time the position changes (position = how many generations are ahead: the running one plus the waiting
+    ones drawn earlier), starting with the caller's first position, and finally with 0 when its turn comes.
+    The callback runs in the caller's thread without any internal lock held; if it (or the wait) raises, the
+    ticket is withdrawn and the queue goes on serving the others.
+
+    :meth:`report_to` sets a default ``on_wait`` for the current thread, for code that takes the lock without
+    passing a callback (e.g. :func:`brain_diffuser_core.evaluation.evaluate_bundle`).
+
+    heartbeat_s : when set, ``on_wait`` is also called again with the unchanged position every ``heartbeat_s``
+        seconds of waiting. A web page uses it to notice a user who left while queued (its callback raises
+        then, and the ticket is withdrawn instead of running a generation nobody will see).
+    """
+
+    def __init__(self, heartbeat_s: float | None = None):
+        if heartbeat_s is not None and not heartbeat_s > 0:
+            raise ValueError(f"'heartbeat_s' must be a positive number of seconds or None; {heartbeat_s!r} was provided")
+        self.heartbeat_s = heartbeat_s
+        self._cond = threading.Condition()
+        self._next = 0  # next ticket to hand out
+        self._serving = 0  # ticket now allowed to run
+        self._withdrawn: set[int] = set()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ lock protocol
+    def acquire(self, on_wait: WaitCallback | None = None) -> None:
+        """Wait for this caller's turn (FIFO); ``on_wait`` as in the class docstring (default: :meth:`report_to`'s)."""
+        on_wait = on_wait if on_wait is not None else getattr(self._local, "on_wait", None)
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+        reported, beat = None, False
+        try:
+            while True:
+                with self._cond:
+                    position = ticket - self._serving - sum(1 for t in self._withdrawn if self._serving < t < ticket)
+                    if position > 0 and position == reported and not beat:
+                        # woken by a release/withdrawal (position re-read), or the heartbeat ran out
+                        beat = not self._cond.wait(self.heartbeat_s) and on_wait is not None
+                        continue
+                if on_wait is not None and (position != reported or beat):
+                    on_wait(position)
+                reported, beat = position, False
+                if position == 0:
+                    return
+        except BaseException:
+            self._withdraw(ticket)
+            raise
+
+    def release(self) -> None:
+        """End the running generation and let the next ticket run."""
+        with self._cond:
+            if self._serving >= self._next:
+                raise RuntimeError("GenerationQueue.release() was called while no generation holds the queue")
+            self._advance()
+
+    def _advance(self) -> None:
+        self._serving += 1
+        while self._serving in self._withdrawn:
+            self._withdrawn.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+    def _withdraw(self, ticket: int) -> None:
+        with self._cond:
+            if ticket == self._serving:  # its turn came meanwhile: pass it on
+                self._advance()
+            elif ticket > self._serving:
+                self._withdrawn.add(ticket)
+                self._cond.notify_all()  # the positions of those behind it changed
+
+    def __enter__(self) -> "GenerationQueue":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # ------------------------------------------------------------------ inspection
+    def queue_length(self) -> int:
+        """Generations running or waiting now (0: idle)."""
+        with self._cond:
+            return self._next - self._serving - sum(1 for t in self._withdrawn if t > self._serving)
+
+    def locked(self) -> bool:
+        """Whether a generation is running (or waiting) now."""
+        return self.queue_length() > 0
+
+    @contextlib.contextmanager
+    def report_to(self, on_wait: WaitCallback | None):
+        """Within the block, acquisitions by this thread without their own callback report to ``on_wait``."""
+        previous = getattr(self._local, "on_wait", None)
+        self._local.on_wait = on_wait
+        try:
+            yield self
+        finally:
+            self._local.on_wait = previous
 
 
 class GenerationError(RuntimeError):
@@ -92,8 +201,9 @@ class GenerativeModels:
         self.image_size = int(unet.config.sample_size) * int(img2img.vae_scale_factor)
         self.device = img2img.device
         self.dtype = img2img.dtype
-        # the dual transformers' mix ratio lives on the shared UNet: one generation at a time per process
-        self.lock = threading.Lock()
+        # the dual transformers' mix ratio lives on the shared UNet: one generation at a time per process,
+        # first come first served; waiting callers learn their place (GenerationQueue)
+        self.lock = GenerationQueue()
 
     @classmethod
     def from_references(cls, models: Mapping[str, Mapping[str, str]], device: str | torch.device = "auto",
@@ -123,41 +233,44 @@ class GenerativeModels:
 
     def generate(self, features: Mapping[str, np.ndarray], *, seeds: Sequence[int],
                  stage1: StageOneConfig = PAPER.stage1, stage2: StageTwoConfig = PAPER.stage2,
-                 run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0):
+                 run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0,
+                 on_wait: WaitCallback | None = None):
         """Both stages for n items of predicted features ({"vdvae": (n, D), "clip_text": (n, 77, d), ...}).
 
         Returns ``(stage1 uint8 (n, s, s, 3), upscaled uint8 (n, S, S, 3), final uint8 (n, S, S, 3) or None,
-        stage-1 seconds, stage-2 seconds)``. Serialised by :attr:`lock`; CUDA out-of-memory becomes a
-        :class:`GenerationError` and leaves the models usable.
+        stage-1 seconds, stage-2 seconds)``. Serialised by :attr:`lock` (first come first served);
+        ``on_wait(position)`` hears how many generations are ahead while this one waits (see
+        :class:`GenerationQueue`). CUDA out-of-memory becomes a :class:`GenerationError` and leaves the
+        models usable.
         """
         n = len(features["vdvae"])
+        self.lock.acquire(on_wait)
         try:
-            with self.lock:
-                # 1. Stage 1: VDVAE with the predicted first layers, the others from the prior
-                t1 = time.perf_counter()
-                low = self.vdvae.decode(torch.as_tensor(np.asarray(features["vdvae"]).reshape(n, -1)),
-                                        temperature=stage1.temperature, seed=list(seeds))
-                upscaled = upscale_bicubic(low, self.image_size)
-                t_stage1 = time.perf_counter() - t1
+            # 1. Stage 1: VDVAE with the predicted first layers, the others from the prior
+            t1 = time.perf_counter()
+            low = self.vdvae.decode(torch.as_tensor(np.asarray(features["vdvae"]).reshape(n, -1)),
+                                    temperature=stage1.temperature, seed=list(seeds))
+            upscaled = upscale_bicubic(low, self.image_size)
+            t_stage1 = time.perf_counter() - t1
+            if callback is not None:
+                callback("stage1", 1, 1, upscaled)
+            # 2. Stage 2: Versatile Diffusion img2img from the stage-1 image
+            t2 = time.perf_counter()
+            final = None
+            if run_stage2:
+                step_cb = None
                 if callback is not None:
-                    callback("stage1", 1, 1, upscaled)
-                # 2. Stage 2: Versatile Diffusion img2img from the stage-1 image
-                t2 = time.perf_counter()
-                final = None
-                if run_stage2:
-                    step_cb = None
-                    if callback is not None:
-                        def step_cb(step, total, _latents, preview):
-                            callback("stage2", step, total, preview)
-                    final = self.img2img(
-                        upscaled, features["clip_text"], features["clip_vision"], seeds=list(seeds),
-                        strength=stage2.strength, num_inference_steps=stage2.num_inference_steps,
-                        guidance_scale=stage2.guidance_scale, vision_mix=stage2.vision_mix, eta=stage2.ddim_eta,
-                        uncond_text=self.uncond_text, uncond_vision=self.uncond_vision,
-                        callback=step_cb, preview_every=preview_every)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                t_stage2 = time.perf_counter() - t2
+                    def step_cb(step, total, _latents, preview):
+                        callback("stage2", step, total, preview)
+                final = self.img2img(
+                    upscaled, features["clip_text"], features["clip_vision"], seeds=list(seeds),
+                    strength=stage2.strength, num_inference_steps=stage2.num_inference_steps,
+                    guidance_scale=stage2.guidance_scale, vision_mix=stage2.vision_mix, eta=stage2.ddim_eta,
+                    uncond_text=self.uncond_text, uncond_vision=self.uncond_vision,
+                    callback=step_cb, preview_every=preview_every)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t_stage2 = time.perf_counter() - t2
         except torch.cuda.OutOfMemoryError as err:
             torch.cuda.empty_cache()
             raise GenerationError(
@@ -165,6 +278,8 @@ class GenerativeModels:
                 "Reconstruct fewer items at once (batch 1 needs about 10 GB in float16), close other GPU jobs, "
                 "or use device 'cpu'. The models are still loaded and usable."
             ) from None
+        finally:
+            self.lock.release()
         return low, upscaled, final, t_stage1, t_stage2
 
 
@@ -254,7 +369,7 @@ class BrainDiffuser:
     def reconstruct(self, fmri, subject: int, *, image_ids: Sequence[int] | None = None,
                     seeds: Sequence[int] | None = None, base_seed: int = 0, rescale: str = "train",
                     run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0,
-                    **overrides) -> list[Reconstruction]:
+                    on_wait: WaitCallback | None = None, **overrides) -> list[Reconstruction]:
         """Reconstruct trials: z-scored fMRI (n, n_voxels) of ``subject`` -> n :class:`Reconstruction`.
 
         image_ids : the 73k ids shown (for default seeds and keys); default: row numbers.
@@ -263,6 +378,8 @@ class BrainDiffuser:
         overrides : any field of :class:`~brain_diffuser_core.config.StageOneConfig` /
             :class:`~brain_diffuser_core.config.StageTwoConfig` (``strength``, ``guidance_scale``,
             ``vision_mix``, ``num_inference_steps``, ``temperature``, ...).
+        on_wait : called with the number of generations ahead while this one waits its turn
+            (:class:`GenerationQueue`).
         """
         t0 = time.perf_counter()
         features = self.predict_features(fmri, subject, rescale=rescale)
@@ -275,12 +392,13 @@ class BrainDiffuser:
             seeds = [seed_for("trial", i, base_seed=base_seed) for i in ids]
         return self.generate(features, keys=keys, seeds=seeds, run_stage2=run_stage2, callback=callback,
                              preview_every=preview_every, feature_seconds=time.perf_counter() - t0,
-                             extra_settings={"subject": subject, "rescale": rescale}, **overrides)
+                             extra_settings={"subject": subject, "rescale": rescale}, on_wait=on_wait, **overrides)
 
     def reconstruct_pattern(self, patterns: Mapping[int, np.ndarray], *, name: str = "pattern",
                             seeds: Sequence[int] | None = None, n_seeds: int = 1, base_seed: int = 0,
                             run_stage2: bool = True, callback: ProgressCallback | None = None,
-                            preview_every: int = 0, **overrides) -> list[Reconstruction]:
+                            preview_every: int = 0, on_wait: WaitCallback | None = None,
+                            **overrides) -> list[Reconstruction]:
         """ROI-optimal scenes: one pattern per subject (averaged over subjects) -> one image per seed.
 
         seeds : default ``seed_for("pattern", name, k, base_seed=base_seed)`` for k < ``n_seeds``.
@@ -301,7 +419,7 @@ class BrainDiffuser:
         subjects = sorted(int(s) for s in patterns)
         return self.generate(features, keys=keys, seeds=seeds, run_stage2=run_stage2, callback=callback,
                              preview_every=preview_every, feature_seconds=time.perf_counter() - t0,
-                             extra_settings={"subjects": subjects, "pattern": name}, **overrides)
+                             extra_settings={"subjects": subjects, "pattern": name}, on_wait=on_wait, **overrides)
 
     def _configs(self, overrides: Mapping[str, Any]) -> tuple[StageOneConfig, StageTwoConfig]:
         s1_fields = set(StageOneConfig.__dataclass_fields__)
@@ -316,8 +434,11 @@ class BrainDiffuser:
     def generate(self, features: Mapping[str, np.ndarray], *, keys: Sequence[str], seeds: Sequence[int],
                  run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0,
                  feature_seconds: float = 0.0, extra_settings: Mapping[str, Any] | None = None,
-                 **overrides) -> list[Reconstruction]:
-        """Both stages from predicted features ({name: (n, *shape)}); one :class:`Reconstruction` per row."""
+                 on_wait: WaitCallback | None = None, **overrides) -> list[Reconstruction]:
+        """Both stages from predicted features ({name: (n, *shape)}); one :class:`Reconstruction` per row.
+
+        ``on_wait(position)``: see :class:`GenerationQueue` (generations run one at a time, in arrival order).
+        """
         s1, s2 = self._configs(overrides)
         n = len(features["vdvae"])
         if len(seeds) != n or len(keys) != n:
@@ -325,7 +446,7 @@ class BrainDiffuser:
         seeds = [int(s) for s in seeds]
         stage1, upscaled, final, t_stage1, t_stage2 = self.models.generate(
             features, seeds=seeds, stage1=s1, stage2=s2, run_stage2=run_stage2, callback=callback,
-            preview_every=preview_every)
+            preview_every=preview_every, on_wait=on_wait)
         timings = {"features": feature_seconds, "stage1": t_stage1, "stage2": t_stage2,
                    "total": feature_seconds + t_stage1 + t_stage2}
         settings = {"temperature": s1.temperature, "strength": s2.strength, "guidance_scale": s2.guidance_scale,

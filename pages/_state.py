@@ -26,6 +26,7 @@ import streamlit as st
 from brain_diffuser_core.config import PAPER, cache_root
 
 AVERAGE = "average"
+QUEUE_HEARTBEAT_S = 1.0  # seconds between place-in-queue updates of a waiting generation
 CONTEXT_KEY = "app_context"
 
 
@@ -144,7 +145,11 @@ def diffuser(bundle_path: str, device: str = "auto"):
     """:class:`~brain_diffuser_core.pipeline.BrainDiffuser` for a bundle folder on ``device`` (shared)."""
     from brain_diffuser_core.pipeline import BrainDiffuser
 
-    return BrainDiffuser(bundle_path, device=device)
+    bd = BrainDiffuser(bundle_path, device=device)
+    # a queued page hears its place again every second: a user who left while waiting is then noticed (Streamlit
+    # stops the script at its next element update) and the queue drops that ticket
+    bd.models.lock.heartbeat_s = QUEUE_HEARTBEAT_S
+    return bd
 
 
 @st.cache_resource(show_spinner="Reading the subject's fMRI...", max_entries=8)
@@ -188,3 +193,26 @@ def stage2_defaults() -> dict:
     """The paper's stage-2 defaults the pages start from (strength, guidance, mix)."""
     s2 = PAPER.stage2
     return {"strength": s2.strength, "guidance_scale": s2.guidance_scale, "vision_mix": s2.vision_mix}
+
+
+# ------------------------------------------------------------------------------------------------ serving
+def wait_label(position: int, running: str) -> str:
+    """Status label for a generation's place in the shared queue: ``running`` when it is its turn (0)."""
+    if position <= 0:
+        return running
+    return f"Waiting: {position} generation{'s' if position != 1 else ''} ahead of you"
+
+
+def queue_reporter(status, running: str):
+    """``on_wait(position)`` for :meth:`GenerativeModels.generate`: shows the caller's place in ``status``
+    (an ``st.status`` container) while it waits for the shared models, then ``running``."""
+    def on_wait(position: int) -> None:
+        status.update(label=wait_label(position, running), state="running")
+    return on_wait
+
+
+def strip_features(rec):
+    """A copy of a Reconstruction without its feature arrays (about 1 MB each), for per-session caches."""
+    from dataclasses import replace
+
+    return replace(rec, features={})

@@ -1,11 +1,16 @@
-"""Browse test trials: original | stage 1 (VDVAE) | final (Versatile Diffusion), with captions and downloads."""
+"""Browse test trials: original | stage 1 (VDVAE) | final (Versatile Diffusion), with captions and downloads;
+a gallery of many trials reconstructed in batches, downloadable as one zip."""
 from __future__ import annotations
 
 import streamlit as st
 
+from brain_diffuser_core.export import reconstructions_zip, zip_item
 from pages import _state, _views
 
-MAX_CACHED = 16  # reconstructions kept per session (each holds a few images and feature arrays)
+MAX_CACHED = 64  # reconstructions kept per session (images only, about 1.6 MB each at 512 px)
+MAX_GALLERY = 32  # trials in one gallery
+GALLERY_BATCH = 4  # trials per generation batch
+GALLERY_COLUMNS = 3  # trials per gallery row (each shows original | final)
 
 ctx = _state.context()
 bd = _state.diffuser(ctx.bundle_path, ctx.device)
@@ -52,7 +57,20 @@ row = test_ids.index(image_id)
 
 # 2. Reconstruct (cached per bundle, subject, trial, seed, settings)
 settings = {"num_inference_steps": ctx.num_inference_steps}
-key = (ctx.bundle_path, subject, image_id, ctx.seed, tuple(sorted(settings.items())))
+
+
+def result_key(image_id: int) -> tuple:
+    """Per-session cache key of a trial's reconstruction: (bundle, subject, 73k id, seed, settings)."""
+    return (ctx.bundle_path, subject, int(image_id), ctx.seed, tuple(sorted(settings.items())))
+
+
+def remember(rec, image_id: int) -> None:
+    while len(results) >= MAX_CACHED:
+        results.pop(next(iter(results)))
+    results[result_key(image_id)] = _state.strip_features(rec)
+
+
+key = result_key(image_id)
 results: dict = st.session_state.setdefault("browse_results", {})
 c1, c2 = st.columns([1, 3])
 live = c1.checkbox("Run live (stream diffusion previews)", value=True, key="browse_live")
@@ -64,7 +82,8 @@ orig_col.image(subj.image(image_id), caption=f"original (73k id {image_id})", wi
 for c in captions[image_id][:5]:
     orig_col.caption(f"- {c}")
 if run:
-    bar = c2.progress(0.0, text="decoding features")
+    status = c2.status("Reconstructing...", expanded=True)
+    bar = status.progress(0.0, text="decoding features")
     preview_slot = final_col.empty()
     every = max(1, ctx.num_inference_steps // 10) if live else 0
 
@@ -80,15 +99,16 @@ if run:
 
     try:
         rec = bd.reconstruct(subj.test_fmri[row:row + 1], subject, image_ids=[image_id], base_seed=ctx.seed,
-                             callback=on_progress, preview_every=every, **settings)[0]
+                             callback=on_progress, preview_every=every,
+                             on_wait=_state.queue_reporter(status, "Reconstructing..."), **settings)[0]
     except (ValueError, RuntimeError) as err:
+        status.update(label="Reconstruction failed", state="error")
         st.error(f"Reconstruction failed: {err}")
         st.stop()
     bar.progress(1.0, text=f"done in {rec.timings['total']:.1f} s")
+    status.update(label=f"Reconstructed in {rec.timings['total']:.1f} s", state="complete", expanded=False)
     preview_slot.empty()
-    while len(results) >= MAX_CACHED:
-        results.pop(next(iter(results)))
-    results[key] = rec
+    remember(rec, image_id)
 
 rec = results.get(key)
 if rec is not None:
@@ -104,3 +124,58 @@ if rec is not None:
                f"stage 2 {rec.timings['stage2']:.2f} s ({rec.settings['denoising_steps']} denoising steps)")
 else:
     s1_col.info("Press Reconstruct to decode this trial.")
+
+# 3. Gallery: many trials, reconstructed in batches (each cached like a single trial), downloadable as a zip
+st.divider()
+st.subheader("Gallery")
+gallery_ids = [int(i) for i in st.multiselect(
+    f"Trials in the gallery (up to {MAX_GALLERY})", test_ids, default=test_ids[:min(6, len(test_ids))],
+    max_selections=MAX_GALLERY, key="browse_gallery_ids",
+    format_func=lambda i: f"{i}: {(captions[i] or ['(no caption)'])[0][:60]}")]
+missing = [i for i in gallery_ids if result_key(i) not in results]
+g1, g2 = st.columns([1, 3])
+run_gallery = g1.button(f"Reconstruct {len(missing)} trial(s)" if missing else "Gallery reconstructed (cached)",
+                        key="browse_gallery_run", disabled=not missing)
+if run_gallery:
+    status = g2.status(f"Reconstructing {len(missing)} trial(s)...", expanded=True)
+    bar = status.progress(0.0, text=f"0 of {len(missing)} trials")
+    for start in range(0, len(missing), GALLERY_BATCH):
+        chunk = missing[start:start + GALLERY_BATCH]
+        rows = [test_ids.index(i) for i in chunk]
+        label = f"Reconstructing trials {start + 1}-{start + len(chunk)} of {len(missing)}..."
+        status.update(label=label)
+        try:
+            recs = bd.reconstruct(subj.test_fmri[rows], subject, image_ids=chunk, base_seed=ctx.seed,
+                                  on_wait=_state.queue_reporter(status, label), **settings)
+        except (ValueError, RuntimeError) as err:
+            status.update(label="Gallery reconstruction failed", state="error")
+            st.error(f"Reconstruction of trials {chunk} failed: {err}")
+            st.stop()
+        for i, rec in zip(chunk, recs):
+            remember(rec, i)
+        done = start + len(chunk)
+        bar.progress(done / len(missing), text=f"{done} of {len(missing)} trials")
+    status.update(label=f"Reconstructed {len(missing)} trial(s)", state="complete", expanded=False)
+
+done_ids = [i for i in gallery_ids if result_key(i) in results]
+for start in range(0, len(gallery_ids), GALLERY_COLUMNS):
+    cols = st.columns(2 * GALLERY_COLUMNS)
+    for k, i in enumerate(gallery_ids[start:start + GALLERY_COLUMNS]):
+        cols[2 * k].image(subj.image(i), caption=f"{i}: original", width="stretch")
+        rec = results.get(result_key(i))
+        if rec is not None:
+            cols[2 * k + 1].image(rec.final, caption=f"{i}: final (seed {rec.seed})", width="stretch")
+        else:
+            cols[2 * k + 1].caption(f"{i}: not reconstructed yet")
+if done_ids:
+    zip_key = tuple(result_key(i) for i in done_ids)
+    memo = st.session_state.get("browse_zip")
+    if memo is None or memo[0] != zip_key:  # build once per selection, not on every rerun
+        items = [zip_item(i, results[result_key(i)], original=subj.image(i)) for i in done_ids]
+        memo = (zip_key, reconstructions_zip(items, extra={"bundle": ctx.bundle_path, "subject": subject,
+                                                           "base_seed": ctx.seed}))
+        st.session_state["browse_zip"] = memo
+    n_done = f"{len(done_ids)} trial{'s' if len(done_ids) != 1 else ''}"
+    st.download_button(f"Download the gallery (zip, {n_done})", memo[1],
+                       file_name=f"subj{subject:02d}_gallery_{len(done_ids)}trials_seed{ctx.seed}.zip",
+                       mime="application/zip", key="browse_dl_zip", on_click="ignore")

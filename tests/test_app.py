@@ -228,8 +228,11 @@ def test_browse_caption_search_reconstruct_and_cache(app, sources):
     assert not _errors(app), _errors(app)
     (key, rec), = app.session_state["browse_results"].items()
     assert key[2] == target and rec.final is not None
-    assert {d.label for d in app.get("download_button")} == {"Download stage 1 (PNG)", "Download final (PNG)"}
-    assert [c for img in app.get("image") for c in img.captions][-1] == f"final (seed {rec.seed})"
+    assert {d.label for d in app.get("download_button") if "PNG" in d.label} == {"Download stage 1 (PNG)",
+                                                                                "Download final (PNG)"}
+    # the trial reconstructed alone also counts for the gallery (which shows the first test trials by default)
+    assert "Download the gallery (zip, 1 trial)" in [d.label for d in app.get("download_button")]
+    assert f"final (seed {rec.seed})" in [c for img in app.get("image") for c in img.captions]
     app.run()
     assert app.button(key="browse_run").disabled  # cached: a rerun does not reconstruct again
     # the cached result is the pipeline's own answer for that trial and seed
@@ -239,6 +242,163 @@ def test_browse_caption_search_reconstruct_and_cache(app, sources):
     again = diffuser(key[0], "auto").reconstruct(subj.test_fmri[row:row + 1], 1, image_ids=[target],
                                                  num_inference_steps=STEPS)[0]
     np.testing.assert_array_equal(again.stage1, rec.stage1)
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
+
+
+def test_browse_gallery_batches_caches_and_zips(app, sources):
+    import zipfile
+
+    from brain_diffuser_core.nsd import load_subject
+
+    subj = load_subject(sources[1], 1, cache_dir=sources[2], progress=False)
+    test_ids = [int(i) for i in subj.test_image_ids]
+    picked = [test_ids[1], test_ids[3], test_ids[5]]
+    app.run()
+    app.switch_page("pages/browse.py").run()
+    assert not _errors(app), _errors(app)
+    app.multiselect(key="browse_gallery_ids").set_value(picked).run()
+    assert app.button(key="browse_gallery_run").label == "Reconstruct 3 trial(s)"
+    assert [b.label for b in app.get("download_button") if "gallery" in b.label] == []  # nothing to zip yet
+    app.button(key="browse_gallery_run").click().run()
+    assert not _errors(app), _errors(app)
+    results = app.session_state["browse_results"]
+    assert sorted(k[2] for k in results) == sorted(picked)
+    assert all(not r.features for r in results.values())  # images only in the per-session cache
+    captions = [c for img in app.get("image") for c in img.captions]
+    assert [c.split(":")[0] for c in captions if ": final (seed" in c] == [str(i) for i in picked]
+    assert [s.label for s in app.status][-1] == "Reconstructed 3 trial(s)"
+    assert "Download the gallery (zip, 3 trials)" in [b.label for b in app.get("download_button")]
+    # the zip holds the cached images pixel for pixel, the originals, and a manifest with seeds and settings
+    zip_key, data = app.session_state["browse_zip"]
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+        assert [e["id"] for e in manifest["items"]] == [str(i) for i in picked]
+        for key in zip_key:
+            rec, i = results[key], key[2]
+            np.testing.assert_array_equal(_png_array(zf.read(f"{i}/final.png")), rec.final)
+            np.testing.assert_array_equal(_png_array(zf.read(f"{i}/original.png")), subj.image(i))
+    assert manifest["items"][0]["settings"]["num_inference_steps"] == STEPS and manifest["subject"] == 1
+    # cached per trial: the gallery is done, and the single-trial view of a gallery trial needs no new run
+    app.run()
+    assert app.button(key="browse_gallery_run").disabled
+    app.number_input(key="browse_index").set_value(3).run()
+    assert app.button(key="browse_run").disabled
+    # a gallery result is the pipeline's own answer for that trial alone
+    from pages._state import diffuser
+
+    row = test_ids.index(picked[0])
+    alone = diffuser(zip_key[0][0], "auto").reconstruct(subj.test_fmri[row:row + 1], 1, image_ids=[picked[0]],
+                                                       num_inference_steps=STEPS)[0]
+    np.testing.assert_array_equal(alone.stage1, results[zip_key[0]].stage1)
+
+
+def test_browse_shows_the_place_in_the_queue(app, monkeypatch):
+    """Another user's generation holds the models: the page reports "1 ahead of you", then runs when it ends."""
+    import threading
+    import time
+
+    from pages import _state
+
+    seen = []
+    real = _state.queue_reporter
+
+    def recording(status, running):
+        on_wait = real(status, running)
+        return lambda position: (seen.append(position), on_wait(position))
+
+    monkeypatch.setattr(_state, "queue_reporter", recording)
+    app.run()
+    app.switch_page("pages/browse.py").run()
+    assert not _errors(app), _errors(app)
+    lock = _state.diffuser(app.session_state["app_context"].bundle_path, "auto").models.lock
+    lock.acquire()  # the other user's generation
+
+    def other_user_finishes():
+        deadline = time.monotonic() + TIMEOUT
+        while 1 not in seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        lock.release()
+
+    releaser = threading.Thread(target=other_user_finishes, daemon=True)
+    releaser.start()
+    app.button(key="browse_run").click().run()
+    releaser.join(5)
+    assert not _errors(app), _errors(app)
+    assert seen[0] == 1 and seen[-1] == 0 and set(seen) == {0, 1}  # (a 1 s heartbeat may repeat the 1)
+    assert lock.queue_length() == 0 and lock.heartbeat_s == _state.QUEUE_HEARTBEAT_S
+    assert _state.wait_label(1, "x") == "Waiting: 1 generation ahead of you"
+    assert _state.wait_label(3, "x") == "Waiting: 3 generations ahead of you" and _state.wait_label(0, "x") == "x"
+    assert app.status[0].label.startswith("Reconstructed in") and app.status[0].state == "complete"
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def test_evaluation_page_computes_once_then_reloads(app, sources, monkeypatch):
+    import brain_diffuser_core.evaluation as evaluation
+    from brain_diffuser_core.export import load_evaluation, rank_trials
+
+    app.run()
+    app.switch_page("pages/evaluation.py").run()
+    assert not _errors(app), _errors(app)
+    assert app.title[0].value == "Evaluation"
+    assert app.number_input(key="eval_n").value == 6  # CPU: min(24, all 6 test images)
+    app.number_input(key="eval_n").set_value(4).run()
+    assert app.button(key="eval_run").label == "Run evaluation" and not app.get("plotly_chart")
+    app.button(key="eval_run").click().run()
+    assert not _errors(app), _errors(app)
+    assert app.status[0].label == "Evaluated 4 trials x 3 variants"
+    table = [m.value for m in app.markdown if "| method |" in m.value][0]
+    assert "ours (full) subj 1" in table and "ours (stage2_only) subj 1" in table
+    assert "Brain-Diffuser (published)" in table
+    charts = app.get("plotly_chart")
+    assert len(charts) == 4 + 1  # PixCorr, SSIM, CLIP, EffNet-Lite0 bars + the distributions
+    # the galleries show the best and worst trials by the chosen metric, from the cached per-trial values
+    ctx = app.session_state["app_context"]
+    from brain_diffuser_core.config import cache_root
+    from brain_diffuser_core.export import evaluation_folder
+
+    folders = list((cache_root() / "evaluations").glob("*/subj01/*"))
+    assert len(folders) == 1
+    res = load_evaluation(folders[0])
+    assert res.image_ids.tolist() == _subject_ids(sources)[:4]
+    assert set(res.metrics) == {"PixCorr", "SSIM", "CLIP", "EffNet-Lite0"}
+    app.selectbox(key="eval_rank_metric").set_value("SSIM").run()
+    app.slider(key="eval_k").set_value(2).run()
+    captions = [c for img in app.get("image") for c in img.captions if "SSIM =" in c]
+    values = res.per_trial["full"]["SSIM"]
+    best, worst = rank_trials(values, 2), rank_trials(values, 2, best=False)
+    assert captions == [f"{res.image_ids[i]}: SSIM = {values[i]:.3f}" for i in best + worst]
+    assert folders[0] == evaluation_folder(cache_root(), ctx.bundle_path, 1, _eval_settings(app, 4))
+    # a second visit (a new session) reloads the folder: nothing is recomputed
+    monkeypatch.setattr(evaluation, "evaluate_bundle", lambda *a, **k: pytest.fail("recomputed"))
+    again = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key in ("bundle_source", "bundle_folder", "nsd_root_folder", "num_inference_steps"):
+        again.session_state[key] = app.session_state[key]
+    again.run()
+    again.switch_page("pages/evaluation.py").run()
+    again.number_input(key="eval_n").set_value(4).run()
+    assert not _errors(again), _errors(again)
+    assert not [b for b in again.button if b.key == "eval_run"]
+    assert any("Loaded from the cache" in c.value for c in again.caption)
+    assert len(again.get("plotly_chart")) == 5
+
+
+def _subject_ids(sources) -> list[int]:
+    from brain_diffuser_core.nsd import load_subject
+
+    return [int(i) for i in load_subject(sources[1], 1, cache_dir=sources[2], progress=False).test_image_ids]
+
+
+def _eval_settings(app, n: int) -> dict:
+    ctx = app.session_state["app_context"]
+    return {"rows": list(range(n)), "variants": ["full", "stage1", "stage2_only"],
+            "networks": ["clip", "efficientnet_lite0"], "rescale": "train", "base_seed": ctx.seed,
+            "num_inference_steps": ctx.num_inference_steps, "format": 1}
 
 
 # ------------------------------------------------------------------------------------------------ walkthrough
@@ -351,7 +511,9 @@ def test_real_server_serves_every_page(sources, tmp_path):
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, "the server did not start"
                 time.sleep(0.5)
-        for page_name, title in (("", "ROI designer"), ("trials", "Browse test trials"),
+        # the evaluation page first: its file is pages/evaluation.py, so the legacy mode of a process's first
+        # run would run that file without the frame if its url path were "evaluation"
+        for page_name, title in (("evaluate", "Evaluation"), ("", "ROI designer"), ("trials", "Browse test trials"),
                                  ("step-by-step", "Walkthrough")):
             got = asyncio.run(_session(port, page_name))
             assert got["exceptions"] == [], (page_name, got["exceptions"])

@@ -119,3 +119,166 @@ def test_out_of_memory_is_a_clear_error_and_the_models_keep_serving(tiny, rng, m
     assert not tiny.models.lock.locked()
     monkeypatch.setattr(tiny.models, "img2img", real)
     assert tiny.reconstruct(fmri, 1, **FAST)[0].final is not None
+
+
+# ------------------------------------------------------------------------------------------------ the queue
+def _start(name, target):
+    import threading
+
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for(event, what):
+    assert event.wait(20), f"timed out waiting for {what}"
+
+
+def test_generations_queue_first_come_first_served_and_report_their_place(tiny, rng, monkeypatch):
+    """Four users: A generates (held inside a fake slow img2img), B, C, D queue; each hears its place going down
+    to 0, they run in arrival order, and C's failure does not block D."""
+    import threading
+
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    fmri = rng.standard_normal((1, n_vox)).astype(np.float32)
+    real = tiny.models.img2img
+    order, positions, errors = [], {}, {}
+    a_inside, gate = threading.Event(), threading.Event()
+    heard = {name: threading.Event() for name in "BCD"}
+
+    def slow_img2img(*args, **kwargs):
+        name = threading.current_thread().name
+        order.append(name)
+        if name == "A":
+            a_inside.set()
+            _wait_for(gate, "the gate")
+        if name == "C":
+            raise RuntimeError("C's generation failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.models, "img2img", slow_img2img)
+
+    def user(name):
+        def on_wait(position):
+            positions.setdefault(name, []).append(position)
+            if name in heard and position > 0:
+                heard[name].set()
+
+        def run():
+            try:
+                tiny.reconstruct(fmri, 1, on_wait=on_wait, **FAST)
+            except Exception as err:  # noqa: BLE001 - recorded and checked below
+                errors[name] = err
+        return run
+
+    threads = [_start("A", user("A"))]
+    _wait_for(a_inside, "A to start generating")
+    for name in "BCD":  # each one queues only once the previous one holds its ticket
+        threads.append(_start(name, user(name)))
+        _wait_for(heard[name], f"{name} to queue")
+    assert tiny.models.lock.queue_length() == 4 and tiny.models.lock.locked()
+    gate.set()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert order == ["A", "B", "C", "D"]
+    assert positions["A"] == [0]
+    for k, name in enumerate("BCD", start=1):  # places seen: from the arrival place down to 0 (a fast generation
+        seen = positions[name]                 # ahead may finish before a waiter wakes, skipping a number)
+        assert seen[0] == k and seen[-1] == 0 and all(x > y for x, y in zip(seen, seen[1:])), (name, seen)
+    assert set(errors) == {"C"} and "C's generation failed" in str(errors["C"])
+    assert tiny.models.lock.queue_length() == 0 and not tiny.models.lock.locked()
+
+
+def _until(check, what):
+    import time
+
+    deadline = time.monotonic() + 20
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_caller_that_leaves_the_queue_gives_up_its_place():
+    """An on_wait that raises (a user who navigated away) withdraws that ticket: the ones behind move up."""
+    import threading
+
+    from brain_diffuser_core.pipeline import GenerationQueue
+
+    q = GenerationQueue()
+    q.acquire()  # the running generation
+    positions = {"B": [], "C": [], "D": []}
+    queued = {k: threading.Event() for k in positions}
+    ran = []
+
+    def user(name, leave=False):
+        def on_wait(position):
+            positions[name].append(position)
+            queued[name].set()
+            if leave:  # leave once D has queued behind
+                _wait_for(queued["D"], "D to queue")
+                raise KeyboardInterrupt(f"{name} left")
+
+        def run():
+            try:
+                with q.report_to(on_wait):  # the thread's default callback, as evaluate_bundle's lock use needs
+                    q.acquire()
+            except KeyboardInterrupt:
+                return
+            ran.append(name)
+            if name == "B":  # B holds the models until D has seen its place move up to 1
+                _until(lambda: positions["D"][-1] == 1, "D to reach position 1")
+            q.release()
+        return run
+
+    threads = []
+    for name, leave in (("B", False), ("C", True), ("D", False)):
+        threads.append(_start(name, user(name, leave)))
+        _wait_for(queued[name], f"{name} to queue")
+    threads[1].join(10)
+    assert not threads[1].is_alive() and positions["C"] == [2]  # C heard its place, then left
+    _until(lambda: positions["D"][-1] == 2, "D to move up when C left")
+    assert positions["D"] == [3, 2] and q.queue_length() == 3  # running + B + D
+    q.release()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert ran == ["B", "D"] and positions["B"] == [1, 0] and positions["D"] == [3, 2, 1, 0]
+    assert q.queue_length() == 0
+    with pytest.raises(RuntimeError, match="no generation holds the queue"):
+        q.release()
+
+
+def test_the_heartbeat_repeats_the_place_and_lets_a_waiter_leave():
+    """With heartbeat_s, a waiter hears its unchanged place again and again; a callback that raises on a beat
+    (Streamlit stopping the script of a user who left) withdraws the ticket."""
+    import threading
+
+    from brain_diffuser_core.pipeline import GenerationQueue
+
+    with pytest.raises(ValueError, match="'heartbeat_s' must be a positive"):
+        GenerationQueue(heartbeat_s=0)
+    q = GenerationQueue(heartbeat_s=0.02)
+    q.acquire()
+    beats, left = [], threading.Event()
+
+    def leaving(position):
+        beats.append(position)
+        if len(beats) == 4:
+            raise KeyboardInterrupt("left")
+
+    def run():
+        try:
+            q.acquire(leaving)
+        except KeyboardInterrupt:
+            left.set()
+
+    t = _start("B", run)
+    _wait_for(left, "B to leave on a heartbeat")
+    t.join(5)
+    assert beats == [1, 1, 1, 1] and q.queue_length() == 1  # only the running generation is left
+    q.release()
+    assert q.queue_length() == 0
+    q.acquire(lambda p: beats.append(("alone", p)))  # no wait: told 0 at once, no beats
+    assert beats[-1] == ("alone", 0)
+    q.release()
