@@ -56,7 +56,7 @@ if source == "folder":
     nsd_root = str(nsd_root)
 else:
     try:
-        bundle_path, nsd_root, demo_note = _state.demo_sources()
+        bundle_path, nsd_root, demo_note = _state.demo_sources_with_progress()
     except Exception as err:  # building the demo can fail (disk full, ...): say so, keep the app alive
         sb.error(f"The demo could not be prepared: {err}")
         st.stop()

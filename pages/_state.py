@@ -6,10 +6,8 @@ and :func:`diffuser` / :func:`subject_data` / :func:`vertex_map` for the loaded 
 Sources
 -------
 * ``demo`` (default): the MiniNSD world (:func:`brain_diffuser_core.world.build.ensure_world`) and its demo
-  bundle (:func:`brain_diffuser_core.world.demo.ensure_demo_bundle`), built into the cache on first use. If
-  ``world/demo.py`` is missing (a partial checkout), a DEVELOPMENT stand-in is used: the world plus a
-  random-weight tiny bundle for subject 1 (:func:`brain_diffuser_core.tiny_bundle.make_tiny_bundle`, voxel
-  count matched to the world's subject 1); the sidebar says so.
+  bundle (:func:`brain_diffuser_core.world.demo.ensure_demo_bundle`), built into the cache on first use under a
+  progress bar (:func:`demo_sources_with_progress`).
 * ``folder``: a bundle folder plus the NSD root holding the subjects' data (real NSD or a world tree).
 
 Cached resources (``st.cache_resource``) take explicit arguments only; they are shared by every session, and
@@ -17,6 +15,7 @@ the generative models serialise generations with their own ``lock``.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,39 +67,51 @@ def context() -> AppContext:
 
 
 # ------------------------------------------------------------------------------------------------ sources
-def demo_available() -> bool:
-    """Whether the project's real demo bundle builder (``world/demo.py``) exists yet."""
-    try:
-        from brain_diffuser_core.world import demo  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(demo, "ensure_demo_bundle")
+_DEMO_BUILD_LOCK = threading.Lock()  # two first visitors must not build the same demo twice at once
+UNTRAINED_NOTE = ("The demo models are not trained yet (random weights of the real architectures): decoding runs end "
+                  "to end but images are not meaningful. Train them with `python -m brain_diffuser_core world train`.")
 
 
-@st.cache_resource(show_spinner="Preparing the MiniNSD demo (the first run builds the world and fits its "
-                                 "decoders: a few minutes on CPU)...")
-def demo_sources() -> tuple[str, str, str]:
-    """(bundle folder, NSD root of the world, note) of the built-in demo, built on first use.
+def build_demo_sources(progress=None) -> tuple[str, str, str]:
+    """(bundle folder, NSD root of the world, note) of the built-in demo, built into the cache when missing.
 
-    ``note`` is "" for the real demo; otherwise it says why the images are not meaningful (the demo models
-    are untrained, or ``world/demo.py`` is missing and the development stand-in is used).
+    progress : callable(step: str, done: int, total: int) for the world build and the bundle fit, or None.
+    ``note`` is "" for trained demo models, else :data:`UNTRAINED_NOTE`. A full disk raises
+    :class:`~brain_diffuser_core.world.demo.DemoDiskFullError` naming the cache; corrupt or missing demo
+    weights raise :class:`~brain_diffuser_core.world.demo.DemoModelsError` naming the files and the fix.
     """
+    from brain_diffuser_core.world import demo
     from brain_diffuser_core.world.build import ensure_world
 
-    root = Path(ensure_world()).resolve()
-    if not demo_available():
-        return str(_dev_standin_bundle(root)), str(root), (
-            "Development stand-in: world/demo.py is missing, so subject 1 uses random-weight tiny models. "
-            "Images are not meaningful.")
-    from brain_diffuser_core.world import demo
-
-    bundle = Path(demo.ensure_demo_bundle(world_root=root)).resolve()
-    note = ""
-    if getattr(demo, "UNTRAINED_KEY", None) in load_bundle_cached(str(bundle)).manifest.get("models", {}):
-        note = ("The demo models are not trained yet (random weights of the real architectures): decoding runs "
-                "end to end but images are not meaningful. Train them with `python -m brain_diffuser_core world "
-                "train`.")
+    with _DEMO_BUILD_LOCK, demo.explain_disk_full(cache_root()):
+        root = Path(ensure_world(progress=progress)).resolve()
+        bundle = Path(demo.ensure_demo_bundle(world_root=root, progress=progress)).resolve()
+    note = UNTRAINED_NOTE if demo.UNTRAINED_KEY in load_bundle_cached(str(bundle)).manifest.get("models", {}) else ""
     return str(bundle), str(root), note
+
+
+@st.cache_resource(show_spinner="Checking the MiniNSD demo...")
+def demo_sources() -> tuple[str, str, str]:
+    """:func:`build_demo_sources` once per process (its result is shared by every session)."""
+    return build_demo_sources()
+
+
+def demo_sources_with_progress() -> tuple[str, str, str]:
+    """:func:`demo_sources`; the first call of a process builds or checks the demo under a progress bar
+    (a fresh machine builds the world and fits its decoders: about a minute on CPU)."""
+    if not _DEMO_CHECKED:
+        bar = st.progress(0.0, text="Preparing the MiniNSD demo (first run: builds the world and fits its decoders)")
+
+        def show(step: str, done: int, total: int) -> None:
+            bar.progress(min(done / max(total, 1), 1.0), text=f"Preparing the MiniNSD demo: {step} ({done}/{total})")
+
+        build_demo_sources(progress=show)
+        bar.empty()
+        _DEMO_CHECKED.append(True)
+    return demo_sources()
+
+
+_DEMO_CHECKED: list = []  # non-empty once this process has built or checked the demo
 
 
 def check_folder_sources(bundle_text: str, nsd_text: str):

@@ -86,37 +86,56 @@ def test_frame_sidebar_and_average_only_where_it_applies(app, sources):
 
 
 def test_frame_demo_is_the_default_and_shows_its_note(sources, monkeypatch):
+    """The first run of a process builds the demo under a progress bar (a progress callback reaches the
+    builder), later runs use the cached sources; the builder's note is shown in the sidebar."""
     from pages import _state
 
     bundle, world, cache = sources
+    calls = []
     monkeypatch.setenv("BRAIN_DIFFUSER_CACHE", str(Path(cache).parent / "bde-cache"))
-    monkeypatch.setattr(_state, "demo_sources", lambda: (bundle, world, "demo models are untrained (test)"))
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state["num_inference_steps"] = STEPS
-    at.run()
-    assert not _errors(at), _errors(at)
-    assert at.sidebar.radio(key="bundle_source").value == "demo"
-    assert [w.value for w in at.sidebar.warning] == ["demo models are untrained (test)"]
-    assert at.session_state["app_context"].nsd_root == world
+    monkeypatch.setattr(_state, "build_demo_sources",
+                        lambda progress=None: calls.append(progress) or (bundle, world, "demo models are untrained (test)"))
+    monkeypatch.setattr(_state, "_DEMO_CHECKED", [])
+    _state.demo_sources.clear()
+    try:
+        for _ in range(2):
+            at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+            at.session_state["num_inference_steps"] = STEPS
+            at.run()
+            assert not _errors(at), _errors(at)
+            assert at.sidebar.radio(key="bundle_source").value == "demo"
+            assert [w.value for w in at.sidebar.warning] == ["demo models are untrained (test)"]
+            assert at.session_state["app_context"].nsd_root == world
+    finally:
+        _state.demo_sources.clear()
+    # first run: once with a progress callback (the bar), once through the cached demo_sources; then cached only
+    assert len(calls) == 2 and callable(calls[0]) and calls[1] is None
 
 
 def test_demo_sources_uses_the_world_and_the_demo_bundle(sources, monkeypatch):
-    """The body of demo_sources with the slow builders replaced by the fixture's world and bundle."""
+    """The body of build_demo_sources with the slow builders replaced by the fixture's world and bundle; a full
+    disk during the world build is reported with the cache folder and the way out."""
+    import errno
+
     import brain_diffuser_core.world.build as build
     import brain_diffuser_core.world.demo as demo
     from pages import _state
 
     bundle, world, _ = sources
     calls = []
-    monkeypatch.setattr(build, "ensure_world", lambda: Path(world))
-    monkeypatch.setattr(demo, "ensure_demo_bundle", lambda world_root: calls.append(world_root) or Path(bundle))
-    _state.demo_sources.clear()
-    try:
-        got = _state.demo_sources()
-    finally:
-        _state.demo_sources.clear()
+    monkeypatch.setattr(build, "ensure_world", lambda progress=None: Path(world))
+    monkeypatch.setattr(demo, "ensure_demo_bundle",
+                        lambda world_root, progress=None: calls.append(world_root) or Path(bundle))
+    got = _state.build_demo_sources()
     assert got == (str(Path(bundle).resolve()), str(Path(world).resolve()), "")  # tiny bundle: no untrained flag
     assert calls == [Path(world).resolve()]
+
+    def full(progress=None):
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/world/x.nii.gz")
+
+    monkeypatch.setattr(build, "ensure_world", full)
+    with pytest.raises(demo.DemoDiskFullError, match="BRAIN_DIFFUSER_CACHE"):
+        _state.build_demo_sources()
 
 
 # ------------------------------------------------------------------------------------------------ ROI designer
