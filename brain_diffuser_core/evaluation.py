@@ -24,7 +24,7 @@ from .config import PAPER
 from .io import atomic_path, atomic_write_json
 from .seeding import seed_for
 
-__all__ = ["VARIANTS", "reconstruct_variants", "evaluate_bundle"]
+__all__ = ["VARIANTS", "reconstruct_variants", "evaluate_bundle", "mean_over_subjects", "write_subject_mean"]
 
 VARIANTS: tuple[str, ...] = ("full", "stage1", "stage2_only")
 
@@ -146,3 +146,35 @@ def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] |
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table + "\n")
     return summary
+
+
+def mean_over_subjects(summaries: Mapping[int, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """{subject: {variant: {metric: value}}} -> {variant: {metric: mean over subjects}} (the paper's "mean over
+    subjects" rows). Every subject must have the same variants and metrics."""
+    if not summaries:
+        raise ValueError("'summaries' must hold at least one subject; {} was provided")
+    first = next(iter(summaries.values()))
+    for s, summ in summaries.items():
+        if {v: sorted(m) for v, m in summ.items()} != {v: sorted(m) for v, m in first.items()}:
+            raise ValueError(f"subject {s} has other variants/metrics than the first subject: "
+                             f"{ {v: sorted(m) for v, m in summ.items()} } vs { {v: sorted(m) for v, m in first.items()} }")
+    return {v: {m: float(np.mean([summ[v][m] for summ in summaries.values()])) for m in metrics}
+            for v, metrics in first.items()}
+
+
+def write_subject_mean(out: str | Path, summaries: Mapping[int, Mapping[str, Mapping[str, float]]]) -> dict:
+    """Write ``out/metrics.json`` (per subject and mean) and ``out/table.md`` (every subject's rows, then the
+    mean over subjects, beside the published rows). Returns the mean summary."""
+    from .metrics import format_table
+
+    out = Path(out)
+    mean = mean_over_subjects(summaries)
+    rows = {f"ours ({v}) subj {s}": summ[v] for s, summ in summaries.items() for v in summ}
+    label = "mean subj " + ",".join(str(s) for s in summaries)
+    rows.update({f"ours ({v}) {label}": m for v, m in mean.items()})
+    atomic_write_json(out / "metrics.json", {"subjects": [int(s) for s in summaries],
+                                             "per_subject": {str(s): summ for s, summ in summaries.items()},
+                                             "mean": mean})
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(format_table(rows) + "\n")
+    return mean

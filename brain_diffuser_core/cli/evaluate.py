@@ -13,10 +13,13 @@ marked *). AlexNet / Inception / SwAV columns need torchvision and their weights
 
 Three variants, as the paper's ablations: full (stage 1 + stage 2), stage1 (VDVAE only), stage2_only
 (Versatile Diffusion from the CLIP conditions alone). Images are kept under <out>/images/, so a rerun resumes.
-Writes <out>/metrics.json, metrics.csv, per_image.csv, table.md and prints the table.
+Writes <out>/metrics.json, metrics.csv, per_image.csv, table.md and prints the table. With several subjects
+(--subject 1,2,5,7 or all) each goes to <out>/subjNN/ and <out>/table.md + metrics.json add the mean over
+subjects (the paper reports subject 1 and the mean over subjects 1, 2, 5, 7).
 
-example:
+examples:
   python -m brain_diffuser_core evaluate --bundle bundles/nsd --nsd-root /data/nsd --subject 1 --out eval/subj01
+  python -m brain_diffuser_core evaluate --bundle B --nsd-root W --subject all --out eval/all --trials 0-59
 """
 
 
@@ -27,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, metavar="DIR", help="decoder bundle folder")
     p.add_argument("--nsd-root", required=True, metavar="DIR", help="NSD root (or a MiniNSD world folder)")
-    p.add_argument("--subject", required=True, type=int, choices=range(1, 9), metavar="N", help="subject 1..8")
+    p.add_argument("--subject", required=True, metavar="N", help="subject 1..8, a comma list, or 'all' (the bundle's)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (images, metrics)")
     p.add_argument("--trials", default="all", metavar="LIST", help="test rows: 'all' (default), '0-99', ...")
     p.add_argument("--variants", default=",".join(VARIANTS), metavar="LIST",
@@ -46,36 +49,61 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _subjects(text: str, available) -> list[int]:
+    text = text.strip().lower()
+    if text == "all":
+        return sorted(int(s) for s in available)
+    try:
+        subjects = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        subjects = []
+    if not subjects or any(not 1 <= s <= 8 for s in subjects):
+        raise SystemExit(f"--subject must be a subject 1..8, a comma list of them, or 'all'; {text!r} was provided")
+    missing = [s for s in subjects if s not in available]
+    if missing:
+        raise SystemExit(f"--subject: the bundle has no decoders for subject(s) {missing}; it has {sorted(available)}")
+    return list(dict.fromkeys(subjects))
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from ..evaluation import evaluate_bundle
+    from ..evaluation import evaluate_bundle, write_subject_mean
     from ..nsd import load_subject
     from ..pipeline import BrainDiffuser
     from .reconstruct import parse_rows
 
     diffuser = BrainDiffuser(args.bundle, device=args.device)
-    subject = load_subject(args.nsd_root, args.subject, cache_dir=args.cache_dir, progress=True)
-    diffuser.bundle.check_subject(args.subject, subject.n_voxels, subject.mask_sha256)
-    rows = parse_rows(args.trials, len(subject.test_image_ids))
+    subjects = _subjects(str(args.subject), diffuser.bundle.subjects)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     clip_ref = diffuser.bundle.models.get("clip") or diffuser.bundle.models.get("versatile_diffusion") or {}
     kwargs = {"clip": {"path": clip_ref.get("path") or clip_ref.get("hf_id"), "device": str(diffuser.device)}}
-    bars = {}
-
-    def progress(variant, done, total):
-        bar = bars.setdefault(variant, tqdm(total=total, desc=variant, unit="img"))
-        bar.n = done
-        bar.refresh()
-
     overrides = {"num_inference_steps": args.steps} if args.steps else {}
-    summary = evaluate_bundle(diffuser, subject, args.out, rows=rows, variants=variants, networks=networks,
-                              network_kwargs=kwargs, pixel_size=args.pixel_size, base_seed=args.seed,
-                              rescale=args.rescale, batch_size=args.batch_size, progress=progress, **overrides)
-    for bar in bars.values():
-        bar.close()
-    print((Path(args.out) / "table.md").read_text())
-    return 0 if summary else 1
+    out_root = Path(args.out)
+    summaries = {}
+    for number in subjects:
+        subject = load_subject(args.nsd_root, number, cache_dir=args.cache_dir, progress=True)
+        diffuser.bundle.check_subject(number, subject.n_voxels, subject.mask_sha256)
+        rows = parse_rows(args.trials, len(subject.test_image_ids))
+        out = out_root if len(subjects) == 1 else out_root / f"subj{number:02d}"
+        bars = {}
+
+        def progress(variant, done, total, bars=bars, number=number):
+            bar = bars.setdefault(variant, tqdm(total=total, desc=f"subj{number:02d} {variant}", unit="img"))
+            bar.n = done
+            bar.refresh()
+
+        summaries[number] = evaluate_bundle(diffuser, subject, out, rows=rows, variants=variants,
+                                            networks=networks, network_kwargs=kwargs, pixel_size=args.pixel_size,
+                                            base_seed=args.seed, rescale=args.rescale,
+                                            batch_size=args.batch_size, progress=progress, **overrides)
+        for bar in bars.values():
+            bar.close()
+        print((out / "table.md").read_text())
+    if len(subjects) > 1:
+        write_subject_mean(out_root, summaries)
+        print((out_root / "table.md").read_text())
+    return 0 if all(summaries.values()) else 1
