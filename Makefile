@@ -8,7 +8,12 @@ STAMP := $(VENV)/.requirements-installed
 PORT ?= 8501
 ADDRESS ?= 127.0.0.1
 
-.PHONY: venv test run clean
+.PHONY: venv test run clean browser
+
+# The real-browser tests (tests/test_browser.py) drive Debian's chromium; Playwright's own browser download
+# is never used. `make browser` installs chromium with apt when it is missing and we are root (or have
+# password-less sudo); otherwise it prints what to do and the tests skip (or fail when $CI is set).
+CHROMIUM ?= /usr/bin/chromium
 
 venv: $(STAMP)
 
@@ -17,7 +22,25 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then \
+		echo "browser: $(CHROMIUM) is installed"; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+		elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else SUDO=none; fi; \
+		if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+			echo "browser: $(CHROMIUM) is missing and cannot be installed here (needs apt-get as root or" \
+			     "password-less sudo): install Debian's chromium, or the real-browser tests will skip" \
+			     "(fail when CI is set)"; \
+		else \
+			for i in 1 2 3; do $$SUDO apt-get update && break; echo "apt-get update failed (try $$i), retrying"; \
+				sleep 5; done; \
+			DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium; \
+		fi; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 run: $(STAMP)

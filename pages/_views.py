@@ -3,7 +3,9 @@
 * :func:`png_bytes`: uint8 image -> PNG for downloads.
 * :func:`parse_pattern_npy`: an uploaded voxel vector, validated (size, numeric, length, finite).
 * :func:`pattern_to_json` / :func:`pattern_from_json`: ROI-weight patterns saved and loaded as JSON.
-* :func:`surface_figures` / :func:`voxel_figure`: plotly views of a voxel pattern (fsaverage5 or voxel space).
+
+The surface science (hemispheres, the voxel -> fsaverage5 projection, ROI outlines, the plotly surface and voxel
+figures) lives in :mod:`brain_diffuser_core.surface`; its names are re-exported here for the pages.
 """
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from typing import Mapping
 
 import numpy as np
 
+from brain_diffuser_core.surface import (  # noqa: F401  (re-exported for the pages and their tests)
+    HEMISPHERES, outline_vertices, pattern_on_surface, restrict_to_hemisphere, roi_on_surface, surface_figures,
+    voxel_figure)
+
 #: largest accepted .npy upload (a float64 NSD subject vector is about 126 KB)
 MAX_NPY_BYTES = 8 * 1024 * 1024
 PATTERN_FORMAT = "brain-diffuser-explorer/roi-pattern"
 PATTERN_VERSION = 1
-HEMISPHERES = ("both", "left", "right")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -97,59 +102,3 @@ def pattern_from_json(text: str | bytes, known_rois) -> dict:
     if hemi not in HEMISPHERES:
         raise ValueError(f"'hemisphere' must be one of {list(HEMISPHERES)}; {hemi!r} was found")
     return {"name": str(obj.get("name", "pattern")), "weights": out, "hemisphere": hemi}
-
-
-def restrict_to_hemisphere(pattern: np.ndarray, hemispheres: np.ndarray, hemisphere: str) -> np.ndarray:
-    """Zero the pattern outside ``hemisphere`` ("both" keeps it); shapes (n_voxels,)."""
-    if hemisphere not in HEMISPHERES:
-        raise ValueError(f"'hemisphere' must be one of {list(HEMISPHERES)}; {hemisphere!r} was provided")
-    if hemisphere == "both":
-        return pattern
-    return np.where(np.asarray(hemispheres) == hemisphere, pattern, 0).astype(np.float32)
-
-
-def pattern_on_surface(pattern: np.ndarray, vertex_index: np.ndarray, hemispheres: np.ndarray,
-                       n_vertices: int = 10242) -> dict[str, np.ndarray]:
-    """Voxel pattern (n_voxels,) -> {"left", "right": float32 (n_vertices,)}, mean of voxels per vertex."""
-    out = {}
-    for hemi in ("left", "right"):
-        sel = np.asarray(hemispheres) == hemi
-        total = np.bincount(vertex_index[sel], weights=pattern[sel], minlength=n_vertices)
-        count = np.bincount(vertex_index[sel], minlength=n_vertices)
-        out[hemi] = (total / np.maximum(count, 1)).astype(np.float32)
-    return out
-
-
-def surface_figures(surface_maps: Mapping[str, np.ndarray], title: str = ""):
-    """plotly figures {hemi: Figure} of per-vertex maps on the bundled fsaverage5 inflated surface (offline)."""
-    from nilearn import datasets, plotting
-
-    mesh = datasets.load_fsaverage("fsaverage5")["inflated"]
-    sulc = datasets.load_fsaverage_data(mesh="fsaverage5", mesh_type="inflated", data_type="sulcal")
-    vmax = max(float(np.abs(m).max()) for m in surface_maps.values()) or 1.0
-    figs = {}
-    for hemi, values in surface_maps.items():
-        active = float(np.abs(values).max()) > 1e-6
-        disp = plotting.plot_surf(mesh.parts[hemi], surf_map=values, bg_map=sulc.data.parts[hemi], hemi=hemi,
-                                  view="lateral" if hemi == "left" else "medial", engine="plotly", cmap="RdBu_r",
-                                  symmetric_cmap=True, vmax=vmax, colorbar=True, threshold=1e-6 if active else None,
-                                  title=f"{title} ({hemi})" if title else hemi)
-        fig = disp.figure
-        fig.update_layout(height=380, margin=dict(l=0, r=0, t=30, b=0))
-        figs[hemi] = fig
-    return figs
-
-
-def voxel_figure(pattern: np.ndarray, voxel_ijk: np.ndarray, title: str = ""):
-    """plotly 3-D scatter of the non-zero voxels of a pattern in volume index space (i, j, k)."""
-    import plotly.graph_objects as go
-
-    nz = np.flatnonzero(pattern)
-    shown = nz if len(nz) else np.arange(len(pattern))
-    ijk = np.asarray(voxel_ijk)[shown]
-    fig = go.Figure(go.Scatter3d(x=ijk[:, 0], y=ijk[:, 1], z=ijk[:, 2], mode="markers",
-                                 marker=dict(size=2, color=pattern[shown], colorscale="RdBu_r", cmid=0,
-                                             colorbar=dict(title="weight"))))
-    fig.update_layout(title=title, height=420, margin=dict(l=0, r=0, t=30, b=0),
-                      scene=dict(xaxis_title="i", yaxis_title="j", zaxis_title="k"))
-    return fig

@@ -11,6 +11,7 @@ import hashlib
 import numpy as np
 import streamlit as st
 
+from brain_diffuser_core import surface
 from brain_diffuser_core.rois import PAPER_ROIS, PAPER_PRESETS, ROI_CATALOGUE, roi_names
 from pages import _state, _views
 
@@ -67,7 +68,7 @@ left, right = st.columns([1, 1])
 with left:
     st.selectbox("Preset (the paper's figures)", [CUSTOM] + list(PAPER_PRESETS), key="roi_preset",
                  on_change=_on_preset)
-    hemisphere = st.radio("Hemisphere", list(_views.HEMISPHERES), key="roi_hemisphere", horizontal=True)
+    hemisphere = st.radio("Hemisphere", list(surface.HEMISPHERES), key="roi_hemisphere", horizontal=True)
     for label, group in GROUPS:
         names = [r for r in group if r in available]
         with st.expander(label, expanded=label.startswith("The paper")):
@@ -102,7 +103,7 @@ if uploaded_vector is not None:
 elif weights:
     for s, d in subject_data.items():
         hemi = _state.hemisphere_of_voxels(ctx.nsd_root, s)
-        patterns[s] = _views.restrict_to_hemisphere(d.synthetic_pattern(weights), hemi, hemisphere)
+        patterns[s] = surface.restrict_to_hemisphere(d.synthetic_pattern(weights), hemi, hemisphere)
     preset = st.session_state["roi_preset"]
     base = preset if preset != CUSTOM and weights == dict(PAPER_PRESETS[preset]) else \
         "+".join(f"{w:g}{r}" for r, w in weights.items())
@@ -129,14 +130,17 @@ with right:
         st.warning("No voxel of this subject lies in the chosen ROIs and hemisphere: the pattern is all zeros.")
     vm = _state.vertex_map(ctx.nsd_root, shown)
     if vm is not None:
-        maps = _views.pattern_on_surface(pat, vm["vertex_index"], vm["hemisphere"])
-        figs = _views.surface_figures(maps, title=f"subject {shown}")
+        maps = surface.pattern_on_surface(pat, vm["vertex_index"], vm["hemisphere"])
+        outlines = {} if uploaded_vector is not None else {
+            roi: surface.roi_on_surface(subject_data[shown].roi_mask(roi), vm["vertex_index"], vm["hemisphere"])
+            for roi in weights}
+        figs = surface.surface_figures(maps, title=f"subject {shown}", outlines=outlines)
         cols = st.columns(2)
         for col, hemi in zip(cols, ("left", "right")):
             col.plotly_chart(figs[hemi], key=f"roi_surf_{hemi}")
     else:
         st.caption("No surface map for these data (real NSD voxels): showing the pattern in voxel space.")
-        st.plotly_chart(_views.voxel_figure(pat, subject_data[shown].voxel_ijk, title=f"subject {shown}"),
+        st.plotly_chart(surface.voxel_figure(pat, subject_data[shown].voxel_ijk, title=f"subject {shown}"),
                         key="roi_voxels")
 
 # 5. Generate ROI-optimal scenes

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from brain_diffuser_core import surface
 from brain_diffuser_core.config import PAPER
 from pages import _state, _views
 
@@ -69,13 +70,13 @@ st.write(f"{fmri.size} nsdgeneral voxels, z-scored with the training statistics 
          f"sd {fmri.std():.2f}); repeats of the image averaged.")
 vm = _state.vertex_map(ctx.nsd_root, subject)
 if vm is not None:
-    figs = _views.surface_figures(_views.pattern_on_surface(fmri, vm["vertex_index"], vm["hemisphere"]),
+    figs = surface.surface_figures(surface.pattern_on_surface(fmri, vm["vertex_index"], vm["hemisphere"]),
                                   title=f"trial {image_id}")
     cols = st.columns(2)
     for col, hemi in zip(cols, ("left", "right")):
         col.plotly_chart(figs[hemi], key=f"walk_surf_{hemi}")
 else:
-    st.plotly_chart(_views.voxel_figure(fmri, subj.voxel_ijk, title=f"trial {image_id}"), key="walk_voxels")
+    st.plotly_chart(surface.voxel_figure(fmri, subj.voxel_ijk, title=f"trial {image_id}"), key="walk_voxels")
 
 st.header("2. Predicted VDVAE latents -> stage 1")
 vd = rec.features["vdvae"]

@@ -1,0 +1,259 @@
+"""The app in a real browser: `streamlit run app.py` on loopback, driven by Debian's chromium through Python
+playwright (never a downloaded browser). Each page is visited in a fresh browser context, its main action is
+performed, and the images and the plotly surface must render with no exception box. Screenshots go to
+``$BROWSER_SCREENSHOTS`` (default ``test-artifacts/screenshots/`` in the repository).
+
+Without chromium or playwright the tests skip with the reason; when ``$CI`` is set they fail instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from app_sources import make_app_sources
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+STEPS = 4  # the sidebar's "Diffusion schedule (DDIM steps)": strength 0.75 -> 3 denoising steps
+TIMEOUT_MS = 60_000  # a page's first run imports torch, diffusers and nilearn on a loaded 2-core machine
+STEPS_LABEL = "Diffusion schedule (DDIM steps)"
+MAIN_H1 = '[data-testid="stMain"] h1'  # the page title (the sidebar has an h1 too)
+
+
+def browser_missing() -> str | None:
+    """Why the real-browser tests cannot run here, or None."""
+    if not Path(CHROMIUM).is_file():
+        return f"Debian's chromium is not installed at {CHROMIUM} (`make browser` installs it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (`pip install -r requirements.txt`)"
+    return None
+
+
+def screenshot_dir() -> Path:
+    folder = Path(os.environ.get("BROWSER_SCREENSHOTS") or ROOT / "test-artifacts" / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def browser():
+    reason = browser_missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so the real-browser tests must run, but {reason}", pytrace=False)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def server(browser, tmp_path_factory):
+    """Base URL of `streamlit run app.py` (as `make run` starts it) on the tiny world and bundle."""
+    tmp = tmp_path_factory.mktemp("browser")
+    bundle, world, _ = make_app_sources(tmp)
+    port = _free_port()
+    env = dict(os.environ, BRAIN_DIFFUSER_BUNDLE=bundle, BRAIN_DIFFUSER_NSD_ROOT=world,
+               BRAIN_DIFFUSER_CACHE=str(tmp / "bde-cache"))
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+                             "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+                            cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    assert r.read() == b"ok"
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the streamlit server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def page(browser, server, request):
+    """A page in a fresh browser context; a screenshot of it is saved when the test ends (pass or fail)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    pg.on("pageerror", lambda err: errors.append(str(err)))
+    pg.js_errors = errors
+    try:
+        yield pg
+    finally:
+        with contextlib.suppress(Exception):  # a crashed page must not hide the test's own failure
+            pg.screenshot(path=str(screenshot_dir() / f"{request.node.name}.png"), full_page=True)
+        context.close()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def wait_idle(page) -> None:
+    """Wait until the script run of this session has finished (Streamlit marks its root element)."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+
+
+def open_app(page, server: str, path: str = "") -> None:
+    """Go to a page of the app, wait for its first run, then set the short diffusion schedule in the sidebar."""
+    page.goto(f"{server}/{path}")
+    page.wait_for_selector(MAIN_H1)
+    wait_idle(page)
+    steps = page.get_by_role("spinbutton", name=STEPS_LABEL, exact=True)
+    steps.fill(str(STEPS))
+    steps.press("Enter")
+    page.wait_for_function(f"document.querySelector('[aria-label=\"{STEPS_LABEL}\"]')?.value === '{STEPS}'")
+    wait_idle(page)
+
+
+def assert_clean(page) -> None:
+    """No exception box and no st.error in the page; no uncaught JavaScript error."""
+    exceptions = page.locator('[data-testid="stException"]')
+    assert exceptions.count() == 0, exceptions.all_inner_texts()
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    assert errors.count() == 0, errors.all_inner_texts()
+    assert page.js_errors == [], page.js_errors
+
+
+def rendered_images(page) -> list[dict]:
+    """[{caption, width, height}] of the st.image elements whose picture the browser has decoded."""
+    return page.evaluate("""() => [...document.querySelectorAll('[data-testid="stImage"]')].map(el => {
+        const img = el.querySelector('img');
+        const cap = el.parentElement.querySelector('[data-testid="stImageCaption"]');
+        return {caption: cap ? cap.innerText : (img && img.alt) || '', width: img && img.complete ? img.naturalWidth : 0,
+                height: img && img.complete ? img.naturalHeight : 0};
+    })""")
+
+
+def wait_images(page, n: int) -> None:
+    """Wait until at least ``n`` st.image pictures are decoded by the browser, and none is still loading."""
+    page.wait_for_function("""n => { const imgs = [...document.querySelectorAll('[data-testid="stImage"] img')];
+        return imgs.length >= n && imgs.every(i => i.complete && i.naturalWidth > 0); }""", arg=n)
+
+
+def assert_surfaces(page, n: int) -> None:
+    """``n`` WebGL plotly charts (the fsaverage5 surfaces), each canvas drawn at a real size."""
+    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .gl-container canvas').length >= {n}")
+    sizes = page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot .gl-container canvas')]
+        .map(c => [c.width, c.height])""")
+    assert len(sizes) == n, sizes
+    assert all(w > 100 and h > 100 for w, h in sizes), sizes
+
+
+# ------------------------------------------------------------------------------------------------ pages
+def test_roi_designer_surface_and_generation(page, server):
+    from playwright.sync_api import expect
+
+    open_app(page, server)
+    assert page.locator(MAIN_H1).first.inner_text() == "ROI designer"
+    assert_surfaces(page, 2)
+    seeds = page.get_by_role("slider", name="Scenes (seeds)")
+    seeds.focus()
+    seeds.press("ArrowLeft")  # "Scenes (seeds)" 4 -> 2 with the keyboard
+    seeds.press("ArrowLeft")
+    expect(seeds).to_have_value("2")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_selector("text=/2 scene\\(s\\) for/")
+    wait_idle(page)
+    wait_images(page, 4)  # 2 scenes + their stage-1 thumbnails
+    assert_clean(page)
+    images = rendered_images(page)
+    finals = [im for im in images if re.fullmatch(r"seed \d+", im["caption"])]
+    assert len(finals) == 2, images
+    assert all(im["width"] > 0 and im["height"] > 0 for im in images), images
+    assert finals[0]["caption"] != finals[1]["caption"]  # each scene its own seed
+    assert page.get_by_text(f"{int(STEPS * 0.75)} denoising steps each").count() == 1
+
+
+def test_browse_reconstructs_a_trial(page, server):
+    open_app(page, server, "trials")
+    assert page.locator(MAIN_H1).first.inner_text() == "Browse test trials"
+    wait_images(page, 1)
+    assert [im["caption"] for im in rendered_images(page)][0].startswith("original (73k id ")
+    page.get_by_role("button", name="Reconstruct", exact=True).click()
+    page.wait_for_selector("text=/^final \\(seed \\d+\\)$/")
+    wait_idle(page)
+    wait_images(page, 3)
+    assert_clean(page)
+    captions = {im["caption"].split(" (")[0]: im for im in rendered_images(page)}
+    assert {"original", "stage 1", "final"} <= set(captions), list(captions)
+    assert all(im["width"] > 0 for im in captions.values())
+    assert page.get_by_text(re.compile(r"stage 2 [0-9.]+ s \(3 denoising steps\)")).count() == 1
+    assert page.get_by_text("Download final (PNG)").count() == 1
+
+
+def test_walkthrough_runs_the_trial(page, server):
+    open_app(page, server, "step-by-step")
+    assert page.locator(MAIN_H1).first.inner_text() == "Walkthrough"
+    page.get_by_role("button", name="Run this trial").click()
+    page.wait_for_selector("text=5. Final reconstruction")
+    wait_idle(page)
+    wait_images(page, 4)
+    assert_clean(page)
+    # the trial's fMRI pattern on both hemispheres, and the two CLIP heat maps (2-D plotly, no WebGL)
+    assert_surfaces(page, 2)  # counts the WebGL plots only; the heat maps are SVG
+    assert page.locator(".js-plotly-plot").count() == 4
+    images = rendered_images(page)
+    names = [im["caption"] for im in images]
+    assert any(c.startswith("stage 1") for c in names) and any(c.startswith("final (seed") for c in names), names
+    assert any(c.startswith("step ") for c in names), names  # the diffusion previews
+    assert all(im["width"] > 0 for im in images), images
+
+
+def test_every_page_in_the_navigation_renders(page, server):
+    """Walk the sidebar's navigation (whatever pages app.py lists, e.g. the Evaluation page) in one session:
+    each click switches page without a reload and the page renders its title with no error."""
+    open_app(page, server)
+    links = page.locator('[data-testid="stSidebarNav"] a')
+    titles = [t.strip().splitlines()[-1].strip() for t in links.all_inner_texts()]  # (the icon is a ligature)
+    assert {"ROI designer", "Browse trials", "Walkthrough"} <= set(titles), titles
+    seen = []
+    for i, title in enumerate(titles):
+        href = links.nth(i).get_attribute("href")
+        links.nth(i).click()
+        page.wait_for_url(href)
+        page.wait_for_selector(MAIN_H1)
+        wait_idle(page)
+        assert_clean(page)
+        seen.append(page.locator(MAIN_H1).first.inner_text())
+        page.screenshot(path=str(screenshot_dir() / f"nav_{re.sub(r'[^a-z0-9]+', '_', title.lower())}.png"))
+    assert len(set(seen)) == len(titles), seen  # every link showed its own page
+    assert page.evaluate("performance.getEntriesByType('navigation').length") == 1  # no full reload
