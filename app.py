@@ -77,6 +77,11 @@ subject = sb.selectbox("Subject", options, key="subject",
 # 3. Device, seed, schedule
 import torch  # noqa: E402  (after the cheap widgets: the first import takes seconds)
 
+try:
+    cpu_threads = _state.configure_cpu_threads()
+except ValueError as err:
+    sb.error(str(err))
+    st.stop()
 devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 device = sb.selectbox("Device", devices, key="device", help="auto = the first CUDA GPU if present, else CPU")
 seed = int(sb.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="seed",
@@ -90,7 +95,8 @@ try:
 except Exception as err:
     sb.error(f"The models of bundle {bundle_path} could not be loaded on {device!r}: {err}")
     st.stop()
-sb.caption(f"Running on **{bd.device}** in **{str(bd.models.dtype).replace('torch.', '')}**; "
+threads_note = f" ({cpu_threads} CPU thread{'s' if cpu_threads != 1 else ''})" if bd.device.type == "cpu" else ""
+sb.caption(f"Running on **{bd.device}**{threads_note} in **{str(bd.models.dtype).replace('torch.', '')}**; "
            f"bundle `{bundle.path.name}` (subjects {', '.join(map(str, subjects))}).")
 queued = bd.models.lock.queue_length()  # the models are shared by every session, one generation at a time
 if queued:

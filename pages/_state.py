@@ -173,31 +173,23 @@ def subject_data(nsd_root: str, subject: int):
 
 @st.cache_resource(max_entries=8)
 def vertex_map(nsd_root: str, subject: int) -> dict | None:
-    """The world's voxel -> fsaverage5 map for ``subject`` in the Subject's voxel order, or None.
+    """The world's voxel -> fsaverage5 map for ``subject`` in the Subject's voxel order, or None (real NSD: the
+    page falls back to a voxel-space view). See :func:`brain_diffuser_core.surface.load_vertex_map`."""
+    from brain_diffuser_core import surface
 
-    Returns {"vertex_index": int (n_voxels,), "hemisphere": str (n_voxels,) "left"/"right"} when
-    ``<nsd_root>/world/vertex_map_subjXX.npz`` exists and its voxels match the subject's; None otherwise
-    (real NSD: the page falls back to a voxel-space view).
-    """
-    path = Path(nsd_root) / "world" / f"vertex_map_subj{int(subject):02d}.npz"
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        ijk, vidx, hemi = z["voxel_ijk"], z["vertex_index"], z["hemisphere"]
     subj = subject_data(nsd_root, subject)
-    if ijk.shape != subj.voxel_ijk.shape or not np.array_equal(ijk, subj.voxel_ijk):
-        return None
-    return {"vertex_index": vidx.astype(np.int64), "hemisphere": hemi.astype(str)}
+    return surface.load_vertex_map(surface.vertex_map_path(nsd_root, subject), subj.voxel_ijk)
 
 
 def hemisphere_of_voxels(nsd_root: str, subject: int) -> np.ndarray:
     """str (n_voxels,) "left"/"right": from the vertex map, else from the sign of the voxels' x (RAS mm)."""
+    from brain_diffuser_core import surface
+
     vm = vertex_map(nsd_root, subject)
     if vm is not None:
         return vm["hemisphere"]
     subj = subject_data(nsd_root, subject)
-    xyz = subj.voxel_ijk @ subj.affine[:3, :3].T + subj.affine[:3, 3]
-    return np.where(xyz[:, 0] < 0, "left", "right")
+    return surface.hemispheres_from_affine(subj.voxel_ijk, subj.affine)
 
 
 def stage2_defaults() -> dict:
@@ -207,6 +199,40 @@ def stage2_defaults() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ serving
+THREADS_ENV = "BRAIN_DIFFUSER_THREADS"
+
+
+def default_cpu_threads() -> int:
+    """torch CPU threads for generation: ``$BRAIN_DIFFUSER_THREADS`` if set, else half the cores (at least 1).
+
+    Why not every core: the server, the browser (often on the same laptop) and the other sessions need some;
+    on this project's 2-core machines torch on both cores beside them made one reconstruction 20-70x slower
+    (``benchmarks/app_latency.py`` with and without ``--threads 1``).
+    """
+    import os
+
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if text:
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"${THREADS_ENV} must be a whole number >= 1; {text!r} was provided")
+        return n
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+@st.cache_resource
+def configure_cpu_threads() -> int:
+    """Set torch's CPU threads once per process (:func:`default_cpu_threads`); returns the number."""
+    import torch
+
+    n = default_cpu_threads()
+    torch.set_num_threads(n)
+    return n
+
+
 def wait_label(position: int, running: str) -> str:
     """Status label for a generation's place in the shared queue: ``running`` when it is its turn (0)."""
     if position <= 0:

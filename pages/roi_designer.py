@@ -154,8 +154,7 @@ result_key = (ctx.bundle_path, tuple(sorted(patterns)), pattern_name, digest, n_
               ctx.num_inference_steps)
 results = st.session_state.setdefault("roi_results", {})
 if go:
-    if bd.models.lock.locked():
-        gen_left.caption("Another generation is running; this one waits for it.")
+    status = gen_right.status("Generating...", expanded=False)
     bar = gen_right.progress(0.0, text="decoding features")
 
     def on_progress(stage: str, step: int, total: int, _preview) -> None:
@@ -164,11 +163,14 @@ if go:
 
     try:
         recs = bd.reconstruct_pattern(patterns, name=pattern_name, n_seeds=n_seeds, base_seed=ctx.seed,
-                                      callback=on_progress, num_inference_steps=ctx.num_inference_steps)
+                                      callback=on_progress, num_inference_steps=ctx.num_inference_steps,
+                                      on_wait=_state.queue_reporter(status, "Generating..."))
     except (ValueError, RuntimeError) as err:
+        status.update(label="Generation failed", state="error")
         gen_right.error(f"Generation failed: {err}")
     else:
         bar.progress(1.0, text="done")
+        status.update(label=f"Generated {len(recs)} scene(s) in {recs[0].timings['total']:.1f} s", state="complete")
         results.clear()  # keep only the latest set: images are large
         results[result_key] = recs
 recs = results.get(result_key)

@@ -38,6 +38,7 @@ settings = {"strength": strength, "vision_mix": vision_mix, "guidance_scale": gu
 key = (ctx.bundle_path, subject, image_id, ctx.seed, tuple(sorted(settings.items())))
 store: dict = st.session_state.setdefault("walk_results", {})
 if st.button("Run this trial", type="primary", key="walk_run"):
+    status = st.status("Running the trial...", expanded=False)
     bar = st.progress(0.0, text="decoding features")
     previews: list[tuple[int, np.ndarray]] = []
     total_steps = max(1, int(ctx.num_inference_steps * strength))
@@ -51,11 +52,14 @@ if st.button("Run this trial", type="primary", key="walk_run"):
 
     try:
         rec = bd.reconstruct(subj.test_fmri[idx:idx + 1], subject, image_ids=[image_id], base_seed=ctx.seed,
-                             callback=on_progress, preview_every=every, **settings)[0]
+                             callback=on_progress, preview_every=every,
+                             on_wait=_state.queue_reporter(status, "Running the trial..."), **settings)[0]
     except (ValueError, RuntimeError) as err:
+        status.update(label="The walkthrough failed", state="error")
         st.error(f"The walkthrough failed: {err}")
         st.stop()
     bar.progress(1.0, text=f"done in {rec.timings['total']:.1f} s")
+    status.update(label=f"Done in {rec.timings['total']:.1f} s", state="complete")
     store.clear()
     store[key] = (rec, previews)
 

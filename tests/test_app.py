@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from app_sources import make_app_sources  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 TIMEOUT = 120  # pages import torch, diffusers and nilearn on a loaded 2-core machine
@@ -20,27 +22,8 @@ STEPS = 4  # DDIM schedule in tests: strength 0.75 -> 3 denoising steps
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """(bundle folder, world root): a 2-subject world (12 test images) and a tiny bundle for both subjects."""
-    from brain_diffuser_core.bundle import SubjectDecoders, load_bundle, save_bundle
-    from brain_diffuser_core.config import FEATURE_NAMES
-    from brain_diffuser_core.nsd import load_subject
-    from brain_diffuser_core.tiny_bundle import make_tiny_bundle
-    from brain_diffuser_core.world.build import build_world
-
-    tmp = tmp_path_factory.mktemp("app")
-    info = build_world(tmp / "world", n_train=40, n_test=6, subjects=(1, 2))
-    cache = tmp / "cache"
-    n_vox = {s: load_subject(info.root, s, cache_dir=cache, progress=False).n_voxels for s in (1, 2)}
-    models = tmp / "models"
-    main = make_tiny_bundle(tmp / "bundle", subjects=(1,), n_voxels=n_vox[1] - 1, models_folder=models)
-    other = load_bundle(make_tiny_bundle(tmp / "bundle2", subjects=(2,), n_voxels=n_vox[2] - 2, models_folder=models))
-    b = load_bundle(main)
-    entry = SubjectDecoders(n_voxels=n_vox[2], mask_sha256="tiny-2",
-                            decoders={f: other.decoder(2, f) for f in FEATURE_NAMES},
-                            train_feature_norm={f: other.train_feature_norm(2, f) for f in FEATURE_NAMES})
-    save_bundle(main, {2: entry}, feature_shapes={f: b.feature_shape(f) for f in FEATURE_NAMES}, models=b.manifest["models"],
-                update=True)
-    return str(main), str(info.root), str(cache)
+    """(bundle folder, world root, cache): a 2-subject world (12 test images) and a tiny bundle for both."""
+    return make_app_sources(tmp_path_factory.mktemp("app"))
 
 
 @pytest.fixture
@@ -540,3 +523,18 @@ def test_real_server_serves_every_page(sources, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_default_cpu_threads_env_and_half_the_cores(monkeypatch):
+    import os
+
+    from pages import _state
+
+    monkeypatch.delenv(_state.THREADS_ENV, raising=False)
+    assert _state.default_cpu_threads() == max(1, (os.cpu_count() or 2) // 2)
+    monkeypatch.setenv(_state.THREADS_ENV, "3")
+    assert _state.default_cpu_threads() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv(_state.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match="BRAIN_DIFFUSER_THREADS"):
+            _state.default_cpu_threads()
