@@ -321,8 +321,17 @@ class Bundle:
         if not f.exists():
             raise BundleError(f"bundle {self.path} is missing {rel}")
         if sha256_file(f) != self.manifest["files"][rel]:
+            if self._manifest_on_disk_changed():
+                raise BundleError(f"bundle {self.path} was replaced after it was opened (rebuilt by another process?): "
+                                  f"{rel} no longer belongs to the manifest read then; open the bundle again")
             raise BundleError(f"bundle file {rel} is corrupt: its sha256 differs from the manifest's")
         self._verified.add(rel)
+
+    def _manifest_on_disk_changed(self) -> bool:
+        try:
+            return json.loads((self.path / "manifest.json").read_text()) != self.manifest
+        except (OSError, ValueError):
+            return True
 
     def decoder(self, subject: int, feature: str) -> RidgeDecoder:
         """The :class:`RidgeDecoder` of (subject, feature), read on first use and then kept."""

@@ -132,3 +132,16 @@ def test_update_of_one_feature_keeps_the_subjects_other_decoders(rng, tmp_path):
     b = load_bundle(tmp_path / "b", verify="eager")
     assert sorted(b.subject_info(1)["decoders"]) == ["clip_text"]
     assert not (tmp_path / "b" / "subj01_vdvae.safetensors").exists()
+
+
+def test_a_bundle_replaced_under_a_reader_is_named_as_replaced_not_corrupt(rng, tmp_path):
+    _, s1 = _subject(rng, 12)
+    _, s1_again = _subject(rng, 12)  # other weights: a rebuild by another process
+    save_bundle(tmp_path / "b", {1: s1}, feature_shapes=SHAPES, models={"clip": {"hf_id": "x"}})
+    b = load_bundle(tmp_path / "b")
+    save_bundle(tmp_path / "b", {1: s1_again}, feature_shapes=SHAPES, models={"clip": {"hf_id": "x"}})
+    with pytest.raises(BundleError, match="was replaced after it was opened"):
+        b.decoder(1, "vdvae")
+    fresh = load_bundle(tmp_path / "b")
+    np.testing.assert_array_equal(fresh.decoder(1, "vdvae").predict(np.ones((1, 12), np.float32)),
+                                  s1_again.decoders["vdvae"].predict(np.ones((1, 12), np.float32)))

@@ -399,3 +399,29 @@ def test_loop_moving_average_is_checkpointed_and_applied(tmp_path):
     assert loop2.step == 5 and torch.equal(lin2.weight, raw) and torch.equal(loop2.ema["weight"], ema)
     loop2.apply_ema()
     assert torch.equal(lin2.weight.detach(), ema)
+
+
+def test_demo_builds_are_serialised_by_a_lock(tmp_path):
+    """A second builder waits for the first (threads here; flock also holds across processes)."""
+    import threading
+    import time
+
+    from brain_diffuser_core.world.demo import _build_lock
+
+    events = []
+    inside = threading.Event()
+
+    def first():
+        with _build_lock(tmp_path / "demo-bundle"):
+            events.append("first in")
+            inside.set()
+            time.sleep(0.3)
+            events.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    with _build_lock(tmp_path / "demo-bundle"):
+        events.append("second in")
+    t.join()
+    assert events == ["first in", "first out", "second in"]

@@ -512,7 +512,29 @@ def _ensure(cache: Path, progress, models_dir, world_root, subjects, bundle_dir,
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else cache / "demo-bundle"
     if _stamp_matches(read_demo_stamp(bundle_dir), want):
         return bundle_dir
-    return _build(bundle_dir, cache, world_root, models_dir, trained, want, params, progress, device)
+    # one builder at a time across processes (two app servers, the app beside a CLI run): the second waits,
+    # then finds the first one's bundle current instead of replacing it under the first one's readers
+    with _build_lock(bundle_dir):
+        if _stamp_matches(read_demo_stamp(bundle_dir), want):
+            return bundle_dir
+        return _build(bundle_dir, cache, world_root, models_dir, trained, want, params, progress, device)
+
+
+@contextlib.contextmanager
+def _build_lock(bundle_dir: Path) -> Iterator[None]:
+    """An exclusive lock on ``<bundle_dir parent>/.<name>.lock`` (POSIX ``flock``; a no-op where missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cross-process lock; atomic_dir still never leaves a half bundle
+        yield
+        return
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(bundle_dir.parent / f".{bundle_dir.name}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _build(bundle_dir: Path, cache: Path, world_root: Path, models_dir: Path, trained: bool, want: dict,
