@@ -1,5 +1,6 @@
 """Voxel patterns on the cortical surface: hemispheres, the voxel -> fsaverage5 vertex map, ROI outlines and
-plotly figures. Plain functions (no streamlit); the app's pages call them.
+the plotly figure of both hemispheres (:func:`surface_figure`). Plain functions (no streamlit); the app's
+pages call them.
 
 Conventions
 -----------
@@ -169,40 +170,164 @@ def fsaverage5_inflated():
     return mesh, sulc
 
 
-def surface_figures(surface_maps: Mapping[str, np.ndarray], title: str = "",
-                    outlines: Mapping[str, Mapping[str, np.ndarray]] | None = None):
-    """plotly figures {hemi: Figure} of per-vertex maps on the fsaverage5 inflated surface (offline).
+#: margin (mm, inflated y) added to the most anterior vertex of the widest possible MiniNSD patch for the cut
+VISUAL_CUT_MARGIN_MM = 3.0
+#: the figure regions: "visual" crops each hemisphere to its posterior part, "whole" keeps the full mesh
+REGIONS = ("visual", "whole")
+#: gap (mm) between the two hemispheres of :func:`surface_figure`
+HEMISPHERE_GAP_MM = 12.0
+#: camera of :func:`surface_figure`: behind (-y) and below (-z) the occipital poles, looking up and forward
+OCCIPITAL_CAMERA = dict(eye=dict(x=0.0, y=-1.55, z=-0.85), up=dict(x=0.0, y=0.0, z=1.0),
+                        center=dict(x=0.0, y=0.0, z=-0.1))
 
-    surface_maps : {"left"/"right": float (10242,)} (see :func:`pattern_on_surface`); one shared symmetric
-        colour range, vertices with |value| <= 1e-6 show the sulcal background.
-    outlines : optional {roi name: {"left"/"right": bool (10242,)}} (see :func:`roi_on_surface`); each ROI's
-        border (:func:`outline_vertices`) is drawn as a marker trace named after the ROI.
+
+@functools.lru_cache(maxsize=1)
+def visual_y_cut() -> dict[str, float]:
+    """{"left", "right": y cut (mm on the inflated fsaverage5 surface)} of the "visual" region.
+
+    From the data: the MiniNSD world (:mod:`brain_diffuser_core.world.observer`) takes each subject's voxel patch
+    as the pial vertices inside a box set whose bounds are jittered by at most +2 mm; all bounds are upper
+    bounds, so the patch at jitter +2 everywhere holds every subject's (and every seed's) patch. The cut is the
+    largest inflated y of that widest patch plus :data:`VISUAL_CUT_MARGIN_MM` (about -4 mm: some 50 % of the
+    triangles are kept, the occipital lobe plus the ventral temporal surface of the category areas).
     """
-    import plotly.graph_objects as go
+    from brain_diffuser_core.world import observer
+
+    mesh, _ = fsaverage5_inflated()
+    pial = observer._fsaverage5()
+    cut = {}
+    for hemi in HEMIS:
+        widest = observer._patch_mask(pial[hemi], np.full(5, 2.0))
+        y = np.asarray(mesh.parts[hemi].coordinates)[:, 1]
+        cut[hemi] = float(y[widest].max()) + VISUAL_CUT_MARGIN_MM
+    return cut
+
+
+def crop_mesh(coords: np.ndarray, faces: np.ndarray, y_cut: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The part of a mesh posterior to ``y_cut``: the vertices with y < y_cut and the faces all of whose vertices are.
+
+    coords : float (n_vertices, 3) mm; faces : int (n_faces, 3). Returns (kept, new_coords, new_faces): kept is
+    int (n_kept,) the original indices of the kept vertices (increasing), new_coords (n_kept, 3) = coords[kept],
+    new_faces int (n_kept_faces, 3) indexing new_coords.
+    """
+    coords, faces = np.asarray(coords), np.asarray(faces)
+    if coords.ndim != 2 or coords.shape[1] != 3:
+        raise ValueError(f"'coords' must have shape (n_vertices, 3); shape {coords.shape} was provided")
+    if faces.ndim != 2 or faces.shape[1] != 3:
+        raise ValueError(f"'faces' must have shape (n_faces, 3); shape {faces.shape} was provided")
+    inside = coords[:, 1] < y_cut
+    kept = np.flatnonzero(inside)
+    new_index = np.full(len(coords), -1, np.int64)
+    new_index[kept] = np.arange(len(kept))
+    face_kept = inside[faces].all(axis=1)
+    return kept, coords[kept], new_index[faces[face_kept]]
+
+
+@functools.lru_cache(maxsize=16)
+def _nilearn_colours(hemi: str, values_bytes: bytes, vmax: float):
+    """(vertex colours str (10242,) "#rrggbb", colour-bar Mesh3d as a dict or None): what nilearn's plotly
+    ``plot_surf`` gives a hemisphere's map (float32 (10242,) as bytes), sulcal background, symmetric range +-vmax.
+
+    Cached: a page rerun with the same pattern (every page switch back to it) skips nilearn (~0.1 s a hemisphere).
+    """
     from nilearn import plotting
 
     mesh, sulc = fsaverage5_inflated()
-    vmax = max(float(np.abs(m).max()) for m in surface_maps.values()) or 1.0
-    figs = {}
-    for hemi, values in surface_maps.items():
-        active = float(np.abs(values).max()) > 1e-6
-        disp = plotting.plot_surf(mesh.parts[hemi], surf_map=values, bg_map=sulc.data.parts[hemi], hemi=hemi,
-                                  view="lateral" if hemi == "left" else "medial", engine="plotly", cmap="RdBu_r",
-                                  symmetric_cmap=True, vmax=vmax, colorbar=True, threshold=1e-6 if active else None,
-                                  title=f"{title} ({hemi})" if title else hemi)
-        fig = disp.figure
+    values = np.frombuffer(values_bytes, dtype=np.float32)
+    active = float(np.abs(values).max()) > 1e-6
+    disp = plotting.plot_surf(mesh.parts[hemi], surf_map=values, bg_map=sulc.data.parts[hemi], hemi=hemi,
+                              engine="plotly", cmap="RdBu_r", symmetric_cmap=True, vmax=vmax, colorbar=True,
+                              threshold=1e-6 if active else None)
+    traces = list(disp.figure.data)
+    main = next(t for t in traces if t.type == "mesh3d" and t.x is not None and len(t.x) == len(values))
+    bar = next((t.to_plotly_json() for t in traces if t is not main and t.type == "mesh3d"), None)
+    colours = np.asarray(main.vertexcolor)
+    colours.flags.writeable = False  # shared by the cache
+    return colours, bar
+
+
+def surface_figure(surface_maps: Mapping[str, np.ndarray], title: str = "",
+                   outlines: Mapping[str, Mapping[str, np.ndarray]] | None = None, region: str = "visual"):
+    """ONE plotly figure of per-vertex maps on the fsaverage5 inflated surface, hemispheres side by side.
+
+    surface_maps : {"left"/"right": float (10242,)} (see :func:`pattern_on_surface`), one or both hemispheres;
+        one shared symmetric colour range (RdBu_r), vertices with |value| <= 1e-6 show the sulcal background.
+        The vertex colours are nilearn's (``plot_surf(engine="plotly")``: its mesh trace per hemisphere, merged).
+    outlines : optional {roi name: {"left"/"right": bool (10242,)}} (see :func:`roi_on_surface`); each ROI's
+        border (:func:`outline_vertices`) is one black marker trace named after the ROI (both hemispheres).
+    region : "visual" (default) crops each hemisphere to its vertices posterior to :func:`visual_y_cut` (half the
+        triangles, every MiniNSD patch vertex kept); "whole" keeps the full meshes.
+
+    The left hemisphere is shifted to x <= -gap/2 and the right one to x >= +gap/2 (gap
+    :data:`HEMISPHERE_GAP_MM`), so they never overlap; the camera (:data:`OCCIPITAL_CAMERA`) looks at the
+    occipital poles from behind and below (V1-V4 and the ventral category areas in view). Trace order: one
+    mesh3d per hemisphere (name "left"/"right"), nilearn's colour bar (a 1-triangle invisible mesh3d), then
+    the outline scatter3d traces.
+    """
+    import plotly.graph_objects as go
+
+    if region not in REGIONS:
+        raise ValueError(f"'region' must be one of {list(REGIONS)}; {region!r} was provided")
+    hemis = [h for h in HEMIS if h in surface_maps]
+    unknown = sorted(set(surface_maps) - set(HEMIS))
+    if unknown or not hemis:
+        raise ValueError(f"'surface_maps' must have keys among {list(HEMIS)} (at least one); keys "
+                         f"{sorted(surface_maps)} were provided")
+    mesh, sulc = fsaverage5_inflated()
+    for hemi in hemis:
+        if np.shape(surface_maps[hemi]) != (FSAVERAGE5_N_VERTICES,):
+            raise ValueError(f"surface_maps[{hemi!r}] must have shape ({FSAVERAGE5_N_VERTICES},); shape "
+                             f"{np.shape(surface_maps[hemi])} was provided")
+    vmax = max(float(np.abs(surface_maps[h]).max()) for h in hemis) or 1.0
+    cut = visual_y_cut() if region == "visual" else None
+    fig = go.Figure()
+    colorbar = None
+    placed = {}  # hemi -> (kept vertex ids, shifted coords of all vertices)
+    for hemi in hemis:
+        values = np.ascontiguousarray(surface_maps[hemi], dtype=np.float32)
+        vertexcolor, bar = _nilearn_colours(hemi, values.tobytes(), vmax)
+        if colorbar is None:
+            colorbar = bar
         part = mesh.parts[hemi]
-        coords, faces = np.asarray(part.coordinates), np.asarray(part.faces)
-        for name, masks in (outlines or {}).items():
-            border = outline_vertices(masks[hemi], faces)
-            if not border.any():
+        coords, faces = np.asarray(part.coordinates, np.float64), np.asarray(part.faces)
+        if cut is None:
+            kept, sub_coords, sub_faces = np.arange(len(coords)), coords, faces
+        else:
+            kept, sub_coords, sub_faces = crop_mesh(coords, faces, cut[hemi])
+        dx = (-HEMISPHERE_GAP_MM / 2 - coords[kept, 0].max() if hemi == "left"
+              else HEMISPHERE_GAP_MM / 2 - coords[kept, 0].min())
+        shifted = coords + np.array([dx, 0.0, 0.0])
+        placed[hemi] = (kept, shifted)
+        colours = vertexcolor[kept].tolist()
+        fig.add_trace(go.Mesh3d(x=shifted[kept, 0].astype(np.float32), y=sub_coords[:, 1].astype(np.float32),
+                                z=sub_coords[:, 2].astype(np.float32), i=sub_faces[:, 0].astype(np.int32),
+                                j=sub_faces[:, 1].astype(np.int32), k=sub_faces[:, 2].astype(np.int32),
+                                vertexcolor=colours, name=hemi, hoverinfo="name", showscale=False))
+    if colorbar is not None:
+        fig.add_trace(go.Mesh3d(colorbar))
+    for name, masks in (outlines or {}).items():
+        xyz = []
+        for hemi in hemis:
+            if hemi not in masks:
                 continue
-            xyz = coords[border] * 1.005  # just outside the surface, so the markers are not hidden by it
-            fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=name,
-                                       marker=dict(size=1.5, color="black"), hoverinfo="name"))
-        fig.update_layout(height=380, margin=dict(l=0, r=0, t=30, b=0))
-        figs[hemi] = fig
-    return figs
+            kept, shifted = placed[hemi]
+            faces = np.asarray(mesh.parts[hemi].faces)
+            border = outline_vertices(masks[hemi], faces)
+            border_kept = np.zeros_like(border)
+            border_kept[kept] = border[kept]
+            coords = np.asarray(mesh.parts[hemi].coordinates, np.float64)
+            # just outside the surface (1.005 x the unshifted position), so the markers are not hidden by it
+            xyz.append(coords[border_kept] * 1.005 + (shifted[0] - coords[0]))
+        xyz = np.concatenate(xyz) if xyz else np.zeros((0, 3))
+        if not len(xyz):
+            continue
+        fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=name,
+                                   marker=dict(size=1.5, color="black"), hoverinfo="name"))
+    axis = dict(visible=False, showbackground=False)
+    fig.update_layout(title=dict(text=title) if title else None, height=380, margin=dict(l=0, r=0, t=30, b=0),
+                      showlegend=False,
+                      scene=dict(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data", camera=OCCIPITAL_CAMERA))
+    return fig
 
 
 def voxel_figure(pattern: np.ndarray, voxel_ijk: np.ndarray, title: str = ""):

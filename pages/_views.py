@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from brain_diffuser_core.surface import (  # noqa: F401  (re-exported for the pages and their tests)
-    HEMISPHERES, outline_vertices, pattern_on_surface, restrict_to_hemisphere, roi_on_surface, surface_figures,
+    HEMISPHERES, outline_vertices, pattern_on_surface, restrict_to_hemisphere, roi_on_surface, surface_figure,
     voxel_figure)
 
 #: largest accepted .npy upload (a float64 NSD subject vector is about 126 KB)

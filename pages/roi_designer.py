@@ -134,10 +134,9 @@ with right:
         outlines = {} if uploaded_vector is not None else {
             roi: surface.roi_on_surface(subject_data[shown].roi_mask(roi), vm["vertex_index"], vm["hemisphere"])
             for roi in weights}
-        figs = surface.surface_figures(maps, title=f"subject {shown}", outlines=outlines)
-        cols = st.columns(2)
-        for col, hemi in zip(cols, ("left", "right")):
-            col.plotly_chart(figs[hemi], key=f"roi_surf_{hemi}")
+        st.plotly_chart(surface.surface_figure(maps, title=f"subject {shown}: left | right hemisphere, "
+                                                          "seen from behind and below", outlines=outlines),
+                        key="roi_surface")
     else:
         st.caption("No surface map for these data (real NSD voxels): showing the pattern in voxel space.")
         st.plotly_chart(surface.voxel_figure(pat, subject_data[shown].voxel_ijk, title=f"subject {shown}"),

@@ -74,11 +74,9 @@ st.write(f"{fmri.size} nsdgeneral voxels, z-scored with the training statistics 
          f"sd {fmri.std():.2f}); repeats of the image averaged.")
 vm = _state.vertex_map(ctx.nsd_root, subject)
 if vm is not None:
-    figs = surface.surface_figures(surface.pattern_on_surface(fmri, vm["vertex_index"], vm["hemisphere"]),
-                                  title=f"trial {image_id}")
-    cols = st.columns(2)
-    for col, hemi in zip(cols, ("left", "right")):
-        col.plotly_chart(figs[hemi], key=f"walk_surf_{hemi}")
+    st.plotly_chart(surface.surface_figure(surface.pattern_on_surface(fmri, vm["vertex_index"], vm["hemisphere"]),
+                                           title=f"trial {image_id}: left | right hemisphere, seen from behind "
+                                                 "and below"), key="walk_surface")
 else:
     st.plotly_chart(surface.voxel_figure(fmri, subj.voxel_ijk, title=f"trial {image_id}"), key="walk_voxels")
 

@@ -132,8 +132,8 @@ def test_roi_designer_preset_surface_and_generate(app):
     assert app.slider(key="roi_w_faces").value == 1.0 and app.slider(key="roi_w_V2").value == 1.0
     assert app.slider(key="roi_w_places").value == 0.0
     assert any("V1-V4+faces" in m.value for m in app.markdown)
-    # the world has a vertex map: both hemispheres on fsaverage5
-    assert len(app.get("plotly_chart")) == 2
+    # the world has a vertex map: one fsaverage5 figure holding both hemispheres
+    assert len(app.get("plotly_chart")) == 1
     app.slider(key="roi_n_seeds").set_value(2).run()
     app.button(key="roi_generate").click().run()
     assert not _errors(app), _errors(app)

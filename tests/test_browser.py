@@ -184,7 +184,7 @@ def test_roi_designer_surface_and_generation(page, server):
 
     open_app(page, server)
     assert page.locator(MAIN_H1).first.inner_text() == "ROI designer"
-    assert_surfaces(page, 2)
+    assert_surfaces(page, 1)  # one figure holds both hemispheres
     seeds = page.get_by_role("slider", name="Scenes (seeds)")
     seeds.focus()
     seeds.press("ArrowLeft")  # "Scenes (seeds)" 4 -> 2 with the keyboard
@@ -228,9 +228,9 @@ def test_walkthrough_runs_the_trial(page, server):
     wait_idle(page)
     wait_images(page, 4)
     assert_clean(page)
-    # the trial's fMRI pattern on both hemispheres, and the two CLIP heat maps (2-D plotly, no WebGL)
-    assert_surfaces(page, 2)  # counts the WebGL plots only; the heat maps are SVG
-    assert page.locator(".js-plotly-plot").count() == 4
+    # the trial's fMRI pattern (one figure, both hemispheres), and the two CLIP heat maps (2-D plotly, no WebGL)
+    assert_surfaces(page, 1)  # counts the WebGL plots only; the heat maps are SVG
+    assert page.locator(".js-plotly-plot").count() == 3
     images = rendered_images(page)
     names = [im["caption"] for im in images]
     assert any(c.startswith("stage 1") for c in names) and any(c.startswith("final (seed") for c in names), names

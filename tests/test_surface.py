@@ -125,29 +125,133 @@ def test_load_vertex_map(tmp_path, rng):
     assert surface.load_vertex_map(path, ijk[:-1]) is None
 
 
-def test_surface_figures_show_the_map_and_roi_outlines(rng):
+def _rgb(colour: str) -> tuple[int, int, int]:
+    assert colour.startswith("#") and len(colour) == 7, colour
+    return tuple(int(colour[k:k + 2], 16) for k in (1, 3, 5))
+
+
+def _placement(trace, coords):
+    """Original vertex id of each vertex of a figure's mesh trace (matched on its unshifted y, z) and the x shift."""
+    index = {(float(np.float32(y)), float(np.float32(z))): v for v, (_, y, z) in enumerate(coords)}
+    ids = np.array([index[(float(y), float(z))] for y, z in zip(trace.y, trace.z)])
+    shift = np.asarray(trace.x, np.float64) - coords[ids, 0]
+    np.testing.assert_allclose(shift, shift[0], atol=1e-3)  # a pure translation in x
+    return ids, float(shift[0])
+
+
+def _meshes(fig):
+    return {t.name: t for t in fig.data if t.type == "mesh3d" and t.name in ("left", "right")}
+
+
+def test_crop_mesh_against_a_naive_loop(rng):
+    coords = rng.normal(size=(60, 3))
+    faces = np.array([rng.choice(60, 3, replace=False) for _ in range(150)])
+    kept, sub_coords, sub_faces = surface.crop_mesh(coords, faces, 0.3)
+    assert kept.tolist() == [v for v in range(60) if coords[v, 1] < 0.3]
+    np.testing.assert_array_equal(sub_coords, coords[kept])
+    expected = [tuple(f) for f in faces if all(coords[v, 1] < 0.3 for v in f)]
+    assert sub_faces.min() >= 0 and sub_faces.max() < len(kept)  # no face refers to a dropped vertex
+    assert [tuple(kept[f]) for f in sub_faces] == expected
+    with pytest.raises(ValueError, match="faces"):
+        surface.crop_mesh(coords, faces[:, :2], 0.0)
+
+
+def test_visual_cut_keeps_every_patch_vertex_of_the_world():
+    """Every vertex any MiniNSD voxel maps to (all subjects, two world seeds) lies before the cut, so the
+    cropped mesh keeps it, with the triangles around it; and the crop really drops about half the mesh."""
+    from brain_diffuser_core.config import PAPER
+    from brain_diffuser_core.world.observer import Observer
+
+    mesh, _ = surface.fsaverage5_inflated()
+    cut = surface.visual_y_cut()
+    observers = [Observer(s) for s in PAPER.nsd.subjects] + [Observer(PAPER.nsd.subjects[0], seed=7)]
+    for hemi in ("left", "right"):
+        coords, faces = np.asarray(mesh.parts[hemi].coordinates), np.asarray(mesh.parts[hemi].faces)
+        kept, _, sub_faces = surface.crop_mesh(coords, faces, cut[hemi])
+        patch = np.unique(np.concatenate([o.vertex_ids[hemi] for o in observers]))
+        assert len(patch) > 1000 and np.isin(patch, kept).all()
+        # every triangle touching only patch vertices survives the crop
+        patch_faces = {tuple(f) for f in faces if np.isin(f, patch).all()}
+        assert patch_faces <= {tuple(kept[f]) for f in sub_faces}
+        assert 0.3 < len(sub_faces) / len(faces) < 0.7
+
+
+def test_surface_figure_puts_the_values_on_their_vertices(rng):
     mesh, _ = surface.fsaverage5_inflated()
     n = surface.FSAVERAGE5_N_VERTICES
-    assert mesh.parts["left"].coordinates.shape == (n, 3)
-    maps = {"left": np.zeros(n, np.float32), "right": np.zeros(n, np.float32)}
-    maps["left"][:500] = rng.normal(size=500)
-    roi = {"left": np.zeros(n, bool), "right": np.zeros(n, bool)}
-    roi["left"][:500] = True
-    figs = surface.surface_figures(maps, title="t", outlines={"V1": roi})
-    assert set(figs) == {"left", "right"}
-    left = figs["left"]
-    meshes = [t for t in left.data if t.type == "mesh3d" and len(t.x) == n]  # (the colour bar is a tiny mesh)
-    outlines = [t for t in left.data if t.type == "scatter3d" and t.name == "V1"]
-    assert len(meshes) == 1
-    np.testing.assert_allclose(meshes[0].x, mesh.parts["left"].coordinates[:, 0], rtol=1e-5)
-    assert len(outlines) == 1
+    cut = surface.visual_y_cut()
+    maps, pos, neg = {}, {}, {}
+    for hemi in ("left", "right"):
+        y = np.asarray(mesh.parts[hemi].coordinates)[:, 1]
+        posterior = rng.permutation(np.flatnonzero(y < cut[hemi] - 10))
+        pos[hemi], neg[hemi] = posterior[:40], posterior[40:80]
+        maps[hemi] = np.zeros(n, np.float32)
+        maps[hemi][pos[hemi]] = 2.0
+        maps[hemi][neg[hemi]] = -2.0
+    fig = surface.surface_figure(maps, title="t")
+    meshes = _meshes(fig)
+    assert set(meshes) == {"left", "right"}
+    shifts = {}
+    for hemi, trace in meshes.items():
+        coords = np.asarray(mesh.parts[hemi].coordinates)
+        ids, shifts[hemi] = _placement(trace, coords)
+        assert (coords[ids, 1] < cut[hemi]).all()  # cropped to the posterior part
+        assert np.isin(pos[hemi], ids).all() and np.isin(neg[hemi], ids).all()
+        faces = np.stack([trace.i, trace.j, trace.k], axis=1)
+        assert faces.min() >= 0 and faces.max() < len(ids)
+        colours = {int(v): _rgb(c) for v, c in zip(ids, trace.vertexcolor)}
+        for v in pos[hemi]:
+            r, g, b = colours[int(v)]
+            assert r > b + 60, (hemi, v, colours[int(v)])  # red: positive
+        for v in neg[hemi]:
+            r, g, b = colours[int(v)]
+            assert b > r + 60, (hemi, v, colours[int(v)])  # blue: negative
+        zero = np.setdiff1d(ids, np.concatenate([pos[hemi], neg[hemi]]))[:200]
+        assert all(len(set(colours[int(v)])) == 1 for v in zero)  # grey sulcal background
+    # side by side, not overlapping: left hemisphere entirely at x < 0 < right hemisphere
+    assert max(meshes["left"].x) < 0 < min(meshes["right"].x)
+    assert min(meshes["right"].x) - max(meshes["left"].x) == pytest.approx(surface.HEMISPHERE_GAP_MM, abs=1e-3)
+    assert fig.layout.title.text == "t"
+    assert fig.layout.scene.camera.eye.y < 0 and fig.layout.scene.camera.eye.z < 0  # behind and below
+
+
+def test_surface_figure_whole_region_and_one_hemisphere():
+    mesh, _ = surface.fsaverage5_inflated()
+    n = surface.FSAVERAGE5_N_VERTICES
+    fig = surface.surface_figure({"right": np.linspace(-1, 1, n, dtype=np.float32)}, region="whole")
+    meshes = _meshes(fig)
+    assert set(meshes) == {"right"}
+    assert len(meshes["right"].x) == n and len(meshes["right"].i) == len(mesh.parts["right"].faces)
+    assert min(meshes["right"].x) == pytest.approx(surface.HEMISPHERE_GAP_MM / 2, abs=1e-3)
+    visual = _meshes(surface.surface_figure({"right": np.zeros(n, np.float32)}))["right"]
+    assert len(visual.i) < 0.7 * len(mesh.parts["right"].faces)
+    with pytest.raises(ValueError, match="region"):
+        surface.surface_figure({"right": np.zeros(n)}, region="occipital")
+    with pytest.raises(ValueError, match="surface_maps"):
+        surface.surface_figure({"lh": np.zeros(n)})
+    with pytest.raises(ValueError, match=r"surface_maps\['left'\]"):
+        surface.surface_figure({"left": np.zeros(n - 1)})
+
+
+def test_surface_figure_draws_roi_outlines():
+    mesh, _ = surface.fsaverage5_inflated()
+    n = surface.FSAVERAGE5_N_VERTICES
+    cut = surface.visual_y_cut()
+    coords = {h: np.asarray(mesh.parts[h].coordinates) for h in ("left", "right")}
+    maps = {h: np.zeros(n, np.float32) for h in ("left", "right")}
+    # V1: a posterior disc in the left hemisphere; "empty": no vertex at all (no trace)
+    pole = coords["left"][np.argmin(coords["left"][:, 1])]
+    roi = {"left": np.linalg.norm(coords["left"] - pole, axis=1) < 15, "right": np.zeros(n, bool)}
+    fig = surface.surface_figure(maps, outlines={"V1": roi, "empty": {h: np.zeros(n, bool) for h in maps}})
+    outlines = [t for t in fig.data if t.type == "scatter3d"]
+    assert [t.name for t in outlines] == ["V1"]
+    _, shift = _placement(_meshes(fig)["left"], coords["left"])
     border = surface.outline_vertices(roi["left"], np.asarray(mesh.parts["left"].faces))
-    assert len(outlines[0].x) == border.sum() > 0
-    np.testing.assert_allclose(outlines[0].x, np.asarray(mesh.parts["left"].coordinates)[border, 0] * 1.005,
-                               rtol=1e-5)
-    # the right ROI mask is empty: no outline trace there, and the title names the hemisphere
-    assert not [t for t in figs["right"].data if t.type == "scatter3d"]
-    assert "(right)" in figs["right"].layout.title.text
+    assert border.sum() > 10 and (coords["left"][border, 1] < cut["left"]).all()
+    expected = coords["left"][border] * 1.005
+    np.testing.assert_allclose(outlines[0].x, expected[:, 0] + shift, atol=1e-3)
+    np.testing.assert_allclose(outlines[0].y, expected[:, 1], atol=1e-3)
+    np.testing.assert_allclose(outlines[0].z, expected[:, 2], atol=1e-3)
 
 
 def test_voxel_figure_shows_the_nonzero_voxels(rng):
@@ -166,5 +270,6 @@ def test_voxel_figure_shows_the_nonzero_voxels(rng):
 def test_pages_views_reexports_the_library_functions():
     from pages import _views
 
-    for name in ("HEMISPHERES", "pattern_on_surface", "restrict_to_hemisphere", "surface_figures", "voxel_figure"):
+    for name in ("HEMISPHERES", "pattern_on_surface", "restrict_to_hemisphere", "surface_figure",
+                 "voxel_figure"):
         assert getattr(_views, name) is getattr(surface, name)
