@@ -26,7 +26,8 @@ Measures, in one run:
 Without ``--url`` the script starts the server itself (no ``BRAIN_DIFFUSER_BUNDLE``: the demo) on loopback
 and stops it at the end; with ``--url`` it measures that running server (cold start is then not measured, and
 the baseline still uses this machine's demo bundle). ``--threads N`` sets torch's threads here and
-``OMP_NUM_THREADS`` for the server it starts (default: torch's own choice in both, as `make run` leaves it).
+``OMP_NUM_THREADS`` for the server it starts (default: torch's own choice here; the server then uses the app's default,
+half the cores or $BRAIN_DIFFUSER_THREADS).
 """
 from __future__ import annotations
 
