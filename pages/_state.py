@@ -253,3 +253,39 @@ def strip_features(rec):
     from dataclasses import replace
 
     return replace(rec, features={})
+
+
+@st.cache_resource(show_spinner="Embedding the test captions and images with the bundle's CLIP...", max_entries=4)
+def clip_banks(bundle_path: str, nsd_root: str, subject: int, device: str = "auto") -> tuple[dict | None, str]:
+    """The bundle's CLIP features of ``subject``'s test images and captions, for nearest-neighbour views.
+
+    Returns (banks, "") with banks = {"ids": int64 (N,) 73k ids in test order, "captions": list of N caption
+    lists, "text": float32 (N, 77, D), "vision": float32 (N, 257, D), "clip": where the CLIP came from}, or
+    (None, why not) when the bundle names no CLIP, it cannot be loaded, or the subject has no captions.
+    See :mod:`brain_diffuser_core.neighbours`.
+    """
+    from brain_diffuser_core import neighbours
+    from brain_diffuser_core.features.clip import ClipFeatureExtractor
+    from brain_diffuser_core.pipeline import resolve_device
+
+    models = load_bundle_cached(bundle_path).models
+    ref = models.get("clip") or models.get("versatile_diffusion")
+    if ref is None:
+        return None, "the bundle names no CLIP model ('clip' or 'versatile_diffusion' in its manifest)"
+    where = str(ref.get("path") or ref.get("hf_id"))
+    try:
+        extractor = ClipFeatureExtractor.from_pretrained(where, device=resolve_device(device))
+    except (OSError, ValueError) as err:
+        return None, f"the bundle's CLIP ({where}) could not be loaded ({str(err).splitlines()[0]})"
+    subj = subject_data(nsd_root, subject)
+    ids = np.asarray(subj.test_image_ids, dtype=np.int64)
+    try:
+        captions = [subj.captions(int(i)) for i in ids]
+    except FileNotFoundError as err:
+        return None, f"subject {subject} has no captions ({err})"
+    empty = [int(i) for i, c in zip(ids, captions) if not c]
+    if empty:
+        return None, f"every test image needs a caption; {len(empty)} have none (first: 73k id {empty[0]})"
+    text = neighbours.caption_bank(extractor, captions)
+    vision = neighbours.image_bank(extractor, np.stack([subj.image(int(i)) for i in ids]))
+    return {"ids": ids, "captions": captions, "text": text, "vision": vision, "clip": where}, ""

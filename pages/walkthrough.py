@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from brain_diffuser_core import surface
+from brain_diffuser_core import neighbours, surface
 from brain_diffuser_core.config import PAPER
 from pages import _state, _views
 
@@ -98,6 +98,41 @@ t.plotly_chart(px.imshow(rec.features["clip_text"], aspect="auto", color_continu
                          title="CLIP-text (77 x d)"), key="walk_clip_text")
 v.plotly_chart(px.imshow(rec.features["clip_vision"], aspect="auto", color_continuous_scale="RdBu_r",
                          title="CLIP-vision (257 x d)"), key="walk_clip_vision")
+st.write("What the predicted features are closest to among this subject's test images, embedded by the "
+         "bundle's own CLIP (cosine of the flattened tokens, after subtracting the test set's mean feature): "
+         "when decoding carries the image's meaning, the true image ranks near the top; by chance it ranks "
+         "about halfway.")
+banks, banks_note = _state.clip_banks(ctx.bundle_path, ctx.nsd_root, subject, ctx.device)
+if banks is None:
+    st.info(f"Nearest captions and images are not available: {banks_note}.")
+else:
+    true_rows = np.flatnonzero(banks["ids"] == image_id)
+    true_row = int(true_rows[0]) if true_rows.size else -1
+    n_bank = len(banks["ids"])
+    t, v = st.columns(2)
+    for col, name, bank, what in ((t, "clip_text", banks["text"], "captions"),
+                                  (v, "clip_vision", banks["vision"], "images")):
+        label = "CLIP-text" if name == "clip_text" else "CLIP-vision"
+        col.subheader(f"Nearest test {what} to the predicted {label} features")
+        try:
+            rows, cos = neighbours.nearest(rec.features[name], bank, k=5)
+            rank = neighbours.rank_of(rec.features[name], bank, true_row) if true_row >= 0 else None
+        except ValueError as err:
+            col.warning(f"Cannot compare the predicted {label} features with the bank: {err}")
+            continue
+        if name == "clip_text":
+            col.markdown("\n".join(
+                f"{n}. `{c:+.3f}` {banks['captions'][r][0]}" + (" **<- true image**" if r == true_row else "")
+                for n, (r, c) in enumerate(zip(rows, cos), start=1)))
+        else:
+            for tc, r, c in zip(col.columns(len(rows)), rows, cos):
+                tc.image(subj.image(int(banks["ids"][r])), width="stretch",
+                         caption=f"{c:+.3f}" + (" (true)" if r == true_row else ""))
+        if rank is None:
+            col.caption(f"The true image (73k id {image_id}) is not in the bank of {n_bank} test images.")
+        else:
+            subject_words = "The true image's captions rank" if name == "clip_text" else "The true image ranks"
+            col.caption(f"{subject_words} {rank} of {n_bank}.")
 
 st.header("4. Diffusion steps")
 st.write(f"Versatile Diffusion starts from the stage-1 image with noise added and runs "
