@@ -11,6 +11,7 @@ import hashlib
 import numpy as np
 import streamlit as st
 
+from brain_diffuser_core import patterns as pattern_lib
 from brain_diffuser_core import surface
 from brain_diffuser_core.rois import PAPER_ROIS, PAPER_PRESETS, ROI_CATALOGUE, roi_names
 from pages import _state, _views
@@ -28,6 +29,26 @@ available = [r for r in ROI_CATALOGUE if all(r in d.roi_names() for d in subject
 st.title("ROI designer")
 st.caption("Weights inside regions of interest make a synthetic fMRI pattern (weight inside the ROI, 0 elsewhere, "
            "not z-scored, as in the paper); the decoders turn it into the scene that region 'prefers'.")
+
+
+N_DRIVING = 8
+
+
+@st.cache_data(show_spinner="Ranking the training images...", max_entries=16)
+def _driving_images(nsd_root: str, subject: int, digest: str, _subject, _pattern: np.ndarray, k: int = N_DRIVING):
+    """(73k ids int64 (k,), scores float32 (k,), images list of uint8 (S, S, 3)) of the training images that drive
+    ``_pattern`` most in ``_subject`` (the loaded Subject ``subject`` of ``nsd_root``); cached per (NSD root,
+    subject, pattern digest, k)."""
+    d = _subject
+    ids, scores = pattern_lib.top_driving_images(d.train_fmri, d.train_image_ids, _pattern, k=k)
+    return ids, scores, [d.image(int(i)) for i in ids]
+
+
+def _upload_stem(name: str) -> str:
+    for ext in (".nii.gz", ".nii", ".npy"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name.rsplit(".", 1)[0]
 
 
 def _wkey(roi: str) -> str:
@@ -79,7 +100,8 @@ weights = {r: float(st.session_state[_wkey(r)]) for r in available if st.session
 
 # 3. Optional uploaded voxel vector (one subject)
 with left:
-    upload = st.file_uploader("...or upload a voxel vector (.npy, one value per voxel)", type=["npy"],
+    upload = st.file_uploader("...or upload a pattern: a voxel vector (.npy, one value per voxel) or a volume in "
+                              "the subject's func1pt8mm space (.nii, .nii.gz)", type=["npy", "nii", "nii.gz"],
                               key="roi_upload_npy")
 uploaded_vector = None
 if upload is not None:
@@ -87,8 +109,13 @@ if upload is not None:
         left.error("An uploaded vector belongs to one subject's voxels: choose a single subject in the sidebar.")
     else:
         s = subjects[0]
+        d = subject_data[s]
         try:
-            uploaded_vector = _views.parse_pattern_npy(upload.getvalue(), subject_data[s].n_voxels)
+            if upload.name.lower().endswith((".nii", ".nii.gz")):
+                uploaded_vector = pattern_lib.pattern_from_nifti(upload.getvalue(), d.voxel_ijk, d.volume_shape,
+                                                                 d.affine)
+            else:
+                uploaded_vector = _views.parse_pattern_npy(upload.getvalue(), d.n_voxels)
         except ValueError as err:
             left.error(f"{upload.name}: {err}")
         else:
@@ -99,7 +126,7 @@ if upload is not None:
 patterns: dict[int, np.ndarray] = {}
 if uploaded_vector is not None:
     patterns = {subjects[0]: uploaded_vector}
-    pattern_name = upload.name.rsplit(".", 1)[0]
+    pattern_name = _upload_stem(upload.name)
 elif weights:
     for s, d in subject_data.items():
         hemi = _state.hemisphere_of_voxels(ctx.nsd_root, s)
@@ -182,3 +209,16 @@ if recs:
             st.image(rec.stage1, caption="stage 1 (VDVAE)", width=96)
     gen_right.caption(f"{len(recs)} scene(s) for `{pattern_name}` in {recs[0].timings['total']:.1f} s; "
                       f"{recs[0].settings['denoising_steps']} denoising steps each.")
+    # The original stimuli that drive this pattern most (one subject: the first one of an average)
+    if np.any(pat):
+        ids, scores, images = _driving_images(ctx.nsd_root, shown, hashlib.sha256(pat.tobytes()).hexdigest(),
+                                               subject_data[shown], pat)
+        gen_right.markdown(f"**Training images that drive this pattern most** (subject {shown}"
+                           + (", the first subject of the average" if len(subjects) > 1 else "")
+                           + "): score = weighted mean z-scored response inside the pattern.")
+        dcols = gen_right.columns(min(len(ids), 8))
+        for i, (image_id, score, image) in enumerate(zip(ids, scores, images)):
+            dcols[i % len(dcols)].image(image, caption=f"73k {int(image_id)}, score {float(score):.2f}",
+                                        width="stretch")
+    else:
+        gen_right.caption(f"No training images are ranked: the pattern is all zeros in subject {shown}.")
