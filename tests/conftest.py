@@ -18,3 +18,20 @@ def nsd_tree(tmp_path_factory):
     from nsd_fixtures import make_nsd_tree
 
     return make_nsd_tree(tmp_path_factory.mktemp("nsd"), subject=1, n_sessions=3)
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory):
+    """(bundle folder, world root, cache) for the app's tests: a 2-subject world and a tiny bundle for both
+    (tests/app_sources.py), built once per test session."""
+    from app_sources import make_app_sources
+
+    return make_app_sources(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture
+def app(sources, monkeypatch):
+    """An AppTest of app.py on :func:`sources` (not run yet)."""
+    from app_sources import make_app_test
+
+    return make_app_test(sources, monkeypatch)

@@ -12,34 +12,14 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from app_sources import make_app_sources  # noqa: E402
+from app_sources import APP_STEPS as STEPS, APP_TIMEOUT as TIMEOUT, app_errors, app_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-TIMEOUT = 120  # pages import torch, diffusers and nilearn on a loaded 2-core machine
-STEPS = 4  # DDIM schedule in tests: strength 0.75 -> 3 denoising steps
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """(bundle folder, world root, cache): a 2-subject world (12 test images) and a tiny bundle for both."""
-    return make_app_sources(tmp_path_factory.mktemp("app"))
-
-
-@pytest.fixture
-def app(sources, monkeypatch):
-    bundle, world, cache = sources
-    monkeypatch.setenv("BRAIN_DIFFUSER_CACHE", str(Path(cache).parent / "bde-cache"))
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state["bundle_source"] = "folder"
-    at.session_state["bundle_folder"] = bundle
-    at.session_state["nsd_root_folder"] = world
-    at.session_state["num_inference_steps"] = STEPS
-    return at
 
 
 def _errors(at) -> list[str]:
-    return [e.value for e in at.error] + [str(e.value) for e in at.exception]
+    return app_errors(at)
 
 
 # ------------------------------------------------------------------------------------------------ frame
@@ -448,14 +428,6 @@ def test_pattern_json_roundtrip_and_surface_projection():
 
 
 # ------------------------------------------------------------------------------------------------ real server
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _session(port: int, page_name: str) -> dict:
     """One browser-less session over the server's websocket: rerun at ``page_name``, collect until finished."""
     import asyncio
@@ -489,30 +461,9 @@ def test_real_server_serves_every_page(sources, tmp_path):
     """`streamlit run app.py` as `make run` starts it; each page's first run in a fresh session has no error
     (this also covers Streamlit's legacy pages/-folder mode, which applies to a process's first run)."""
     import asyncio
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
-    bundle, world, _ = sources
-    port = _free_port()
-    env = dict(os.environ, BRAIN_DIFFUSER_BUNDLE=bundle, BRAIN_DIFFUSER_NSD_ROOT=world,
-               BRAIN_DIFFUSER_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
-                             "--server.port", str(port), "--server.address", "127.0.0.1",
-                             "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    assert r.read() == b"ok"
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "the server did not start"
-                time.sleep(0.5)
+    with app_server(sources, tmp_path) as url:
+        port = int(url.rsplit(":", 1)[1])
         # the evaluation page first: its file is pages/evaluation.py, so the legacy mode of a process's first
         # run would run that file without the frame if its url path were "evaluation"
         for page_name, title in (("evaluate", "Evaluation"), ("", "ROI designer"), ("trials", "Browse test trials"),
@@ -520,9 +471,6 @@ def test_real_server_serves_every_page(sources, tmp_path):
             got = asyncio.run(_session(port, page_name))
             assert got["exceptions"] == [], (page_name, got["exceptions"])
             assert got["texts"][:2] == ["Brain-Diffuser Explorer", title], (page_name, got["texts"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_default_cpu_threads_env_and_half_the_cores(monkeypatch):

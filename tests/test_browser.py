@@ -10,15 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from app_sources import make_app_sources
+from app_sources import app_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -47,14 +43,6 @@ def screenshot_dir() -> Path:
     return folder
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def browser():
@@ -74,39 +62,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(browser, tmp_path_factory):
+def server(browser, sources, tmp_path_factory):
     """Base URL of `streamlit run app.py` (as `make run` starts it) on the tiny world and bundle."""
-    tmp = tmp_path_factory.mktemp("browser")
-    bundle, world, _ = make_app_sources(tmp)
-    port = _free_port()
-    env = dict(os.environ, BRAIN_DIFFUSER_BUNDLE=bundle, BRAIN_DIFFUSER_NSD_ROOT=world,
-               BRAIN_DIFFUSER_CACHE=str(tmp / "bde-cache"))
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
-                             "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-                            cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    assert r.read() == b"ok"
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the streamlit server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+    with app_server(sources, tmp_path_factory.mktemp("browser")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture

@@ -95,28 +95,9 @@ def test_bank_wrappers_pass_through_and_cast():
 
 
 # ------------------------------------------------------------------------------------------------ app
-TIMEOUT = 120
-STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    pytest.importorskip("streamlit")
-    from app_sources import make_app_sources
-
-    return make_app_sources(tmp_path_factory.mktemp("nb-app"))
-
-
-def test_walkthrough_shows_nearest_captions_and_images(sources, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
+def test_walkthrough_shows_nearest_captions_and_images(app, sources):
     bundle, world, cache = sources
-    monkeypatch.setenv("BRAIN_DIFFUSER_CACHE", str(Path(cache).parent / "bde-cache"))
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=TIMEOUT)
-    at.session_state["bundle_source"] = "folder"
-    at.session_state["bundle_folder"] = bundle
-    at.session_state["nsd_root_folder"] = world
-    at.session_state["num_inference_steps"] = STEPS
+    at = app
     at.run()
     at.switch_page("pages/walkthrough.py").run()
     at.number_input(key="walk_index").set_value(2).run()

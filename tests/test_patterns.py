@@ -141,33 +141,11 @@ def test_nifti_errors_name_expected_and_found():
 
 
 # ------------------------------------------------------------------------------------------- the page
-TIMEOUT = 120
-STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    from app_sources import make_app_sources
-
-    return make_app_sources(tmp_path_factory.mktemp("patterns_app"))
-
-
-@pytest.fixture
-def app(sources, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-
-    bundle, world, cache = sources
-    monkeypatch.setenv("BRAIN_DIFFUSER_CACHE", str(Path(cache).parent / "bde-cache"))
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
-    at.session_state["bundle_source"] = "folder"
-    at.session_state["bundle_folder"] = bundle
-    at.session_state["nsd_root_folder"] = world
-    at.session_state["num_inference_steps"] = STEPS
-    return at
+from app_sources import app_errors  # noqa: E402
 
 
 def _errors(at) -> list[str]:
-    return [e.value for e in at.error] + [str(e.value) for e in at.exception]
+    return app_errors(at)
 
 
 def test_page_generates_scenes_beside_the_top_driving_training_images(app, sources):
