@@ -133,7 +133,7 @@ elif weights:
         patterns[s] = surface.restrict_to_hemisphere(d.synthetic_pattern(weights), hemi, hemisphere)
     preset = st.session_state["roi_preset"]
     base = preset if preset != CUSTOM and weights == dict(PAPER_PRESETS[preset]) else \
-        "+".join(f"{w:g}{r}" for r, w in weights.items())
+        "+".join(r if w == 1 else f"{w:g}*{r}" for r, w in weights.items())  # e.g. "V1+0.5*faces"
     pattern_name = base if hemisphere == "both" else f"{base} ({hemisphere})"
 
 with left.expander("Save this pattern", expanded=False):
