@@ -89,7 +89,7 @@ def reconstruct_variants(diffuser, subject, out: Path, *, rows: Sequence[int], v
 
 def _stage2_only(diffuser, feats: Mapping[str, np.ndarray], seeds: Sequence[int], overrides) -> list[np.ndarray]:
     """Versatile Diffusion from the CLIP conditions alone: grey init image, strength 1.0."""
-    _, s2 = diffuser._configs({k: v for k, v in overrides.items() if k != "strength"})
+    _, s2 = diffuser.stage_configs({k: v for k, v in overrides.items() if k != "strength"})
     models = diffuser.models
     n, size = len(seeds), models.image_size
     grey = np.full((n, size, size, 3), PAPER.stage2.unconditional_grey, np.uint8)

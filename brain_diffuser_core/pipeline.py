@@ -421,7 +421,9 @@ class BrainDiffuser:
                              preview_every=preview_every, feature_seconds=time.perf_counter() - t0,
                              extra_settings={"subjects": subjects, "pattern": name}, on_wait=on_wait, **overrides)
 
-    def _configs(self, overrides: Mapping[str, Any]) -> tuple[StageOneConfig, StageTwoConfig]:
+    def stage_configs(self, overrides: Mapping[str, Any]) -> tuple[StageOneConfig, StageTwoConfig]:
+        """This diffuser's stage settings with ``overrides`` applied (any field of either config); unknown names
+        raise ValueError listing the allowed ones."""
         s1_fields = set(StageOneConfig.__dataclass_fields__)
         s2_fields = set(StageTwoConfig.__dataclass_fields__)
         unknown = set(overrides) - s1_fields - s2_fields
@@ -439,7 +441,7 @@ class BrainDiffuser:
 
         ``on_wait(position)``: see :class:`GenerationQueue` (generations run one at a time, in arrival order).
         """
-        s1, s2 = self._configs(overrides)
+        s1, s2 = self.stage_configs(overrides)
         n = len(features["vdvae"])
         if len(seeds) != n or len(keys) != n:
             raise ValueError(f"'seeds' and 'keys' must hold one entry per item ({n}); got {len(seeds)} and {len(keys)}")
