@@ -53,8 +53,7 @@ def main() -> None:
     true_feats = {f: store.get(f, ids).reshape((n,) + diffuser.bundle.feature_shape(f)) for f in FEATURE_NAMES}
     decoded = diffuser.predict_features(subject.test_fmri[:n], args.subject)
     truths = np.stack([subject.image(i) for i in ids])
-    ref = diffuser.bundle.models.get("clip") or diffuser.bundle.models.get("versatile_diffusion")
-    kwargs = {"clip": {"path": ref.get("path"), "device": "cpu"}}
+    kwargs = {"clip": {"path": diffuser.bundle.clip_location(), "device": "cpu"}}
     seeds = [seed_for("trial", i) for i in ids]
 
     rows = {}

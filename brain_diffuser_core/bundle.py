@@ -274,6 +274,15 @@ class Bundle:
             out[name] = ref
         return out
 
+    def clip_location(self) -> str | None:
+        """Where the CLIP towers for this bundle's features live: the ``clip`` model reference, else the
+        Versatile Diffusion folder (its text/image encoders); a local path or a Hugging Face id, or None."""
+        models = self.models
+        ref = models.get("clip") or models.get("versatile_diffusion")
+        if ref is None:
+            return None
+        return ref.get("path") or ref.get("hf_id")
+
     def feature_shape(self, name: str) -> tuple[int, ...]:
         if name not in self.manifest["features"]:
             raise BundleError(f"'feature' must be one of {self.features}; {name!r} was provided")

@@ -268,11 +268,9 @@ def clip_banks(bundle_path: str, nsd_root: str, subject: int, device: str = "aut
     from brain_diffuser_core.features.clip import ClipFeatureExtractor
     from brain_diffuser_core.pipeline import resolve_device
 
-    models = load_bundle_cached(bundle_path).models
-    ref = models.get("clip") or models.get("versatile_diffusion")
-    if ref is None:
+    where = load_bundle_cached(bundle_path).clip_location()
+    if where is None:
         return None, "the bundle names no CLIP model ('clip' or 'versatile_diffusion' in its manifest)"
-    where = str(ref.get("path") or ref.get("hf_id"))
     try:
         extractor = ClipFeatureExtractor.from_pretrained(where, device=resolve_device(device))
     except (OSError, ValueError) as err:

@@ -87,8 +87,7 @@ if res is None:
         if made_now >= total:
             status.update(label="Scoring (PixCorr, SSIM, feature networks)...")
 
-    clip_ref = bd.bundle.models.get("clip") or bd.bundle.models.get("versatile_diffusion") or {}
-    network_kwargs = {"clip": {"path": clip_ref.get("path") or clip_ref.get("hf_id"), "device": str(bd.device)},
+    network_kwargs = {"clip": {"path": bd.bundle.clip_location(), "device": str(bd.device)},
                       "efficientnet_lite0": {"device": str(bd.device)}}
     try:
         with bd.models.lock.report_to(_state.queue_reporter(status, "Evaluating...")):

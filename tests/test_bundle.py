@@ -145,3 +145,15 @@ def test_a_bundle_replaced_under_a_reader_is_named_as_replaced_not_corrupt(rng, 
     fresh = load_bundle(tmp_path / "b")
     np.testing.assert_array_equal(fresh.decoder(1, "vdvae").predict(np.ones((1, 12), np.float32)),
                                   s1_again.decoders["vdvae"].predict(np.ones((1, 12), np.float32)))
+
+
+def test_clip_location_prefers_the_clip_reference_then_versatile_diffusion(rng, tmp_path):
+    _, s1 = _subject(rng, 12)
+    both = {"clip": {"hf_id": "openai/clip-vit-large-patch14"}, "versatile_diffusion": {"path": "/models/vd"}}
+    assert load_bundle(save_bundle(tmp_path / "a", {1: s1}, feature_shapes=SHAPES, models=both)).clip_location() \
+        == "openai/clip-vit-large-patch14"
+    vd_only = {"versatile_diffusion": {"path": "/models/vd"}}
+    assert load_bundle(save_bundle(tmp_path / "b", {1: s1}, feature_shapes=SHAPES, models=vd_only)).clip_location() \
+        == "/models/vd"
+    assert load_bundle(save_bundle(tmp_path / "c", {1: s1}, feature_shapes=SHAPES,
+                                   models={"vdvae": {"path": "/models/v.th"}})).clip_location() is None

@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     subjects = _subjects(str(args.subject), diffuser.bundle.subjects)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
-    clip_ref = diffuser.bundle.models.get("clip") or diffuser.bundle.models.get("versatile_diffusion") or {}
-    kwargs = {"clip": {"path": clip_ref.get("path") or clip_ref.get("hf_id"), "device": str(diffuser.device)}}
+    kwargs = {"clip": {"path": diffuser.bundle.clip_location(), "device": str(diffuser.device)}}
     overrides = {"num_inference_steps": args.steps} if args.steps else {}
     out_root = Path(args.out)
     summaries = {}

@@ -691,11 +691,9 @@ def _load_clip(diffuser) -> tuple[object | None, str, str]:
     """The bundle's :class:`~brain_diffuser_core.features.clip.ClipFeatureExtractor`, or (None, why not, "")."""
     from ..features.clip import ClipFeatureExtractor
 
-    models = diffuser.bundle.models
-    ref = models.get("clip") or models.get("versatile_diffusion")
-    if ref is None:
+    where = diffuser.bundle.clip_location()
+    if where is None:
         return None, "unavailable: the bundle names no CLIP model", ""
-    where = ref.get("path") or ref.get("hf_id")
     try:
         extractor = ClipFeatureExtractor.from_pretrained(where, device=diffuser.device)
     except (OSError, ValueError) as err:
