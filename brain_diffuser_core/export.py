@@ -20,7 +20,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .io import atomic_path
+from .io import atomic_path, to_jsonable
 
-__all__ = ["ZIP_FORMAT", "reconstructions_zip", "write_reconstructions_zip", "zip_item",
+__all__ = ["ZIP_FORMAT", "png_bytes", "reconstructions_zip", "write_reconstructions_zip", "zip_item",
            "bundle_digest", "settings_digest", "evaluation_folder", "EvaluationResults", "load_evaluation",
            "higher_is_better", "rank_trials", "comparison_rows"]
 
@@ -42,28 +41,12 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 # ------------------------------------------------------------------------------------------------ zips
-def _jsonable(value: Any) -> Any:
-    """numpy scalars/arrays, tuples and paths -> plain JSON values (non-finite floats -> None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _png(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG file bytes."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -123,12 +106,12 @@ def reconstructions_zip(items: Iterable[Mapping[str, Any]], *, extra: Mapping[st
                     continue
                 image = _check_image(item_id, name, item[name])
                 files[name] = f"{item_id}/{name}.png"
-                zf.writestr(files[name], _png(image))
-            entries.append({"id": item_id, "files": files, "seed": _jsonable(item.get("seed")),
-                            "settings": _jsonable(dict(item.get("settings") or {})),
-                            "metrics": _jsonable(dict(item.get("metrics") or {}))})
+                zf.writestr(files[name], png_bytes(image))
+            entries.append({"id": item_id, "files": files, "seed": to_jsonable(item.get("seed")),
+                            "settings": to_jsonable(dict(item.get("settings") or {})),
+                            "metrics": to_jsonable(dict(item.get("metrics") or {}))})
         manifest = {"format": ZIP_FORMAT, "version": ZIP_VERSION, "package_version": __version__,
-                    **_jsonable(dict(extra or {})), "items": entries}
+                    **to_jsonable(dict(extra or {})), "items": entries}
         zf.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return buf.getvalue()
 
@@ -144,7 +127,7 @@ def write_reconstructions_zip(items: Iterable[Mapping[str, Any]], path: str | Pa
 
 # ------------------------------------------------------------------------------------------------ evaluation folders
 def _digest(obj: Any, n: int = 16) -> str:
-    text = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 

@@ -59,6 +59,29 @@ def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def to_jsonable(value: Any) -> Any:
+    """numpy scalars/arrays, tuples and paths -> plain JSON values (mappings keyed by str; non-finite floats ->
+    None; anything else -> its str)."""
+    import math
+    from collections.abc import Mapping
+
+    import numpy as np
+
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in 4 MiB chunks (constant memory)."""
     h = hashlib.sha256()

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
+from brain_diffuser_core.export import png_bytes  # noqa: F401  (re-exported for the pages)
 from brain_diffuser_core.surface import (  # noqa: F401  (re-exported for the pages and their tests)
     HEMISPHERES, outline_vertices, pattern_on_surface, restrict_to_hemisphere, roi_on_surface, surface_figure,
     voxel_figure)
@@ -23,15 +24,6 @@ from brain_diffuser_core.surface import (  # noqa: F401  (re-exported for the pa
 MAX_NPY_BYTES = 8 * 1024 * 1024
 PATTERN_FORMAT = "brain-diffuser-explorer/roi-pattern"
 PATTERN_VERSION = 1
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) -> PNG file bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def parse_pattern_npy(data: bytes, n_voxels: int, *, max_bytes: int = MAX_NPY_BYTES) -> np.ndarray:

@@ -60,7 +60,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_json, to_jsonable
 from ..rois import PAPER_ROIS, roi_names, roi_spec
 from ..seeding import seed_for
 from .scenes import CATEGORIES, FIELD_DEG, IMAGE_SIZE, Scene
@@ -625,7 +625,7 @@ class ValidationReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "report.json", "per_seed": out / "per_seed.csv", "summary": out / "summary.csv"}
-        atomic_write_json(paths["json"], _jsonable(self.to_json()))
+        atomic_write_json(paths["json"], to_jsonable(self.to_json()))
         cols = ["roi", "subject", "seed", "key", "preferred", "observer", "clip", "hf_fraction", "colourfulness",
                 "ecc_centroid_deg"]
         _write_csv(paths["per_seed"], cols, self.records)
@@ -643,18 +643,6 @@ class ValidationReport:
 
 def _safe(name: str) -> str:
     return name.replace("+", "plus").replace("/", "_")
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
