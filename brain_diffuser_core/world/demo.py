@@ -83,7 +83,6 @@ __all__ = [
     "DemoModelsError",
     "DemoDiskFullError",
     "explain_disk_full",
-    "demo_models_present",
     "model_files",
     "write_models_manifest",
     "verify_demo_models",
@@ -237,12 +236,6 @@ def _sha256_memo(path: Path, memo_file: Path | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------- models
-def demo_models_present(models_dir: str | Path) -> bool:
-    """True when ``models_dir`` holds ``vdvae.safetensors`` and ``versatile-diffusion/model_index.json``."""
-    d = Path(models_dir)
-    return (d / VDVAE_FILE).is_file() and (d / VD_FOLDER / "model_index.json").is_file()
-
-
 def model_files(models_dir: str | Path) -> list[str]:
     """Relative paths (posix) of the model files present in ``models_dir``: ``vdvae.safetensors``,
     ``vdvae.json`` (in that order, as :func:`models_digest` hashes them) and every file under
@@ -254,6 +247,11 @@ def model_files(models_dir: str | Path) -> list[str]:
     return files
 
 
+def _missing_required(models_dir: Path) -> dict[str, str]:
+    """{relative path: "missing"} for each file of :data:`REQUIRED_FILES` absent from ``models_dir``."""
+    return {rel: "missing" for rel in REQUIRED_FILES if not (models_dir / rel).is_file()}
+
+
 def write_models_manifest(models_dir: str | Path, *, memo_file: str | Path | None = None) -> Path:
     """Write ``<models_dir>/MANIFEST.json``: {"format": 1, "files": {relative path: {"size": bytes,
     "sha256": hex}}} for every :func:`model_files` entry. Returns the manifest's path.
@@ -262,7 +260,7 @@ def write_models_manifest(models_dir: str | Path, *, memo_file: str | Path | Non
     folder would make it look complete).
     """
     d = Path(models_dir)
-    missing = {rel: "missing" for rel in REQUIRED_FILES if not (d / rel).is_file()}
+    missing = _missing_required(d)
     if missing:
         raise DemoModelsError(d, missing, note=f" (no {MANIFEST_FILE} written)")
     files = {rel: {"size": (d / rel).stat().st_size,
@@ -335,7 +333,7 @@ def _check_models(models_dir: Path, memo_file: Path) -> bool:
     present = model_files(models_dir)
     if not present:
         return False
-    missing = {rel: "missing" for rel in REQUIRED_FILES if not (models_dir / rel).is_file()}
+    missing = _missing_required(models_dir)
     if missing:
         raise DemoModelsError(models_dir, missing,
                               note=f" (it holds {len(present)} model file(s) but no {MANIFEST_FILE})")
