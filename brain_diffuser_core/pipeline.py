@@ -86,7 +86,7 @@ class GenerationQueue:
         try:
             while True:
                 with self._cond:
-                    position = ticket - self._serving - sum(1 for t in self._withdrawn if self._serving < t < ticket)
+                    position = self._ahead(ticket)
                     if position > 0 and position == reported and not beat:
                         # woken by a release/withdrawal (position re-read), or the heartbeat ran out
                         beat = not self._cond.wait(self.heartbeat_s) and on_wait is not None
@@ -114,6 +114,10 @@ class GenerationQueue:
             self._serving += 1
         self._cond.notify_all()
 
+    def _ahead(self, ticket: int) -> int:
+        """Tickets still to run before ``ticket`` (the running one included); call with ``_cond`` held."""
+        return ticket - self._serving - sum(1 for t in self._withdrawn if self._serving < t < ticket)
+
     def _withdraw(self, ticket: int) -> None:
         with self._cond:
             if ticket == self._serving:  # its turn came meanwhile: pass it on
@@ -133,7 +137,7 @@ class GenerationQueue:
     def queue_length(self) -> int:
         """Generations running or waiting now (0: idle)."""
         with self._cond:
-            return self._next - self._serving - sum(1 for t in self._withdrawn if t > self._serving)
+            return self._ahead(self._next)  # every ticket handed out and not yet done
 
     def locked(self) -> bool:
         """Whether a generation is running (or waiting) now."""
