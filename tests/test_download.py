@@ -31,7 +31,7 @@ from brain_diffuser_core.download.stimuli import fetch_subset
 from brain_diffuser_core.download.errors import DownloadError
 from brain_diffuser_core.io import sha256_file
 from brain_diffuser_core.nsd import load_subject
-from brain_diffuser_core.nsd_format import NSDPaths, write_stimuli_hdf5
+from brain_diffuser_core.nsd_format import NSDPaths, write_betas_hdf5, write_betas_nifti, write_stimuli_hdf5
 from nsd_fixtures import expected_arrays, make_nsd_tree
 
 FAST = dict(backoff_s=0.001, backoff_max_s=0.01, checkpoint_bytes=64 << 10)
@@ -92,7 +92,8 @@ def test_guard_refuses_other_addresses():
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     src = tmp_path_factory.mktemp("remote")
-    fx = make_nsd_tree(src, subject=1, n_sessions=3, betas_format="both", n_stimuli_images=6)
+    fx = make_nsd_tree(src, subject=1, n_sessions=2, n_stimuli_images=6)
+    write_betas_hdf5(src / S3_H5, fx.betas[1])  # stands in for session 3's .hdf5, which the bucket denies
     rng = np.random.default_rng(1)
     subj = NSDPaths(src, 1)
     for name in P.TRANSFORM_NAMES[:2]:  # opaque surface files: the downloader does not read them
@@ -102,8 +103,8 @@ def servers(tmp_path_factory):
     for hemi in ("lh", "rh"):
         subj.surface_label(hemi, "prf-visualrois").parent.mkdir(parents=True, exist_ok=True)
         subj.surface_label(hemi, "prf-visualrois").write_bytes(rng.bytes(1500))
-    other = make_nsd_tree(tmp_path_factory.mktemp("subj02"), subject=2, n_sessions=1, seed=5,
-                          with_stimuli=False, with_captions=False)
+    other = tmp_path_factory.mktemp("subj02") / "betas_session01.nii.gz"  # another subject's session 1
+    write_betas_nifti(other, rng.integers(-3000, 3000, (5, 6, 4, 750)).astype(np.int16), fx.affine)
 
     moto, moto_url = ds.start_moto()
     admin = ds.admin_client(moto_url)
@@ -151,9 +152,9 @@ def proxies(servers):
 
 
 def nsd_opts(servers, out, **kw) -> NSDOptions:
-    base = dict(subject=1, out=Path(out), sessions=[1, 2, 3], s3_endpoint=servers["proxy"].url,
+    base = dict(subject=1, out=Path(out), sessions=[1, 2], s3_endpoint=servers["proxy"].url,
                 coco_url=servers["hproxy"].url + "/coco/annotations_trainval2017.zip", accept_terms=True,
-                progress=False, jobs=2, policy=T.Policy(**FAST))
+                progress=False, jobs=4, policy=T.Policy(**FAST))
     base.update(kw)
     return NSDOptions(**base)
 
@@ -165,7 +166,7 @@ def object_gets(proxy) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def complete_root(servers, tmp_path_factory):
-    """A ROOT filled by one clean run (sessions 1-3, subset stimuli, COCO captions) and that run's report."""
+    """A ROOT filled by one clean run (sessions 1-2, subset stimuli, COCO captions) and that run's report."""
     servers["proxy"].reset()
     out = tmp_path_factory.mktemp("complete") / "nsd"
     report = download_nsd(nsd_opts(servers, out))
@@ -200,7 +201,7 @@ def test_full_run_then_load_subject_rerun_and_verify(servers, complete_root, pro
         if key in (P.STIMULI_KEY, S3_H5) or key.endswith(".hdf5") or "subj01" not in key and "experiments" not in key:
             continue
         assert sha256_file(out / key) == hashlib.sha256(data).hexdigest(), key
-    subject = load_subject(out, 1, sessions=[1, 2, 3], cache_dir=tmp_path / "cache", progress=False)
+    subject = load_subject(out, 1, sessions=[1, 2], cache_dir=tmp_path / "cache", progress=False)
     exp = expected_arrays(fx)
     np.testing.assert_array_equal(subject.train_image_ids, exp["train_image_ids"])
     np.testing.assert_allclose(subject.train_fmri, exp["train_fmri"], rtol=1e-4, atol=1e-4)
@@ -218,7 +219,7 @@ def test_full_run_then_load_subject_rerun_and_verify(servers, complete_root, pro
 def test_subset_pixels_and_reader_refuses_absent_ids(servers, complete_root):
     out, report, _ = complete_root
     fx = servers["fx"]
-    subject = load_subject(out, 1, sessions=[1, 2, 3], progress=False, cache_dir=out.parent / "c2")
+    subject = load_subject(out, 1, sessions=[1, 2], progress=False, cache_dir=out.parent / "c2")
     for image_id, pixels in fx.images.items():
         np.testing.assert_array_equal(subject.image(image_id), pixels)
     shown = set(fx.trial_image_ids().tolist())
@@ -495,7 +496,7 @@ def test_out_on_a_read_only_disk(servers, tmp_path, monkeypatch, capsys):
 
 def test_root_holding_another_subjects_file(servers, proxies, tmp_path):
     out = tmp_path / "nsd"
-    foreign = NSDPaths(servers["other"].root, 2).betas_nifti(1)
+    foreign = servers["other"]
     (out / S1).parent.mkdir(parents=True)
     shutil.copy(foreign, out / S1)
     with pytest.raises(DownloadError) as err:
