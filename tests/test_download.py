@@ -231,6 +231,15 @@ def test_subset_pixels_and_reader_refuses_absent_ids(servers, complete_root):
         subject.image(absent)
 
 
+def test_full_stimuli_file(servers, proxies, tmp_path):
+    out = tmp_path / "nsd"
+    download_nsd(nsd_opts(servers, out, sessions=[1], stimuli="full", captions="none"))
+    assert (out / P.STIMULI_KEY).read_bytes() == servers["layout"][P.STIMULI_KEY]
+    subject = load_subject(out, 1, sessions=[1], progress=False, cache_dir=tmp_path / "cache")
+    image_id, pixels = next(iter(servers["fx"].images.items()))
+    np.testing.assert_array_equal(subject.image(image_id), pixels)
+
+
 def _subset_remote(servers, key: str, contiguous: bool, n: int = 2000, size: int = 32, held: int = 300):
     rng = np.random.default_rng(3)
     images = {int(i): rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -271,7 +271,8 @@ def plan_nsd(opts: NSDOptions, s3, manifest: Manifest) -> tuple[P.Plan, dict]:
                     present = local_present(dest)
                     if present is not None and bool(present[ids].all()):
                         status = "have"
-                item = P.PlanItem(P.STIMULI_KEY, n * image_bytes, status=status, kind="stimuli-subset",
+                size = dest.stat().st_size if status == "have" else n * image_bytes
+                item = P.PlanItem(P.STIMULI_KEY, size, status=status, kind="stimuli-subset",
                                   estimate=ids is None,
                                   note=f"{n:,} images x {image_bytes:,} B by Range from the "
                                        f"{P.format_bytes(obj.size)} file" + ("" if ids is not None else
@@ -340,9 +341,10 @@ def download_nsd(opts: NSDOptions, s3=None, http=None) -> RunReport:
     _say(plan.table(free))
     report = RunReport(plan)
     if opts.dry_run:
-        _say(f"dry run: nothing was downloaded. {TERMS_TEXT.splitlines()[-2]}\n"
+        _say(f"dry run: nothing was downloaded.\n{TERMS_TEXT}\n"
              "A real run needs --accept-nsd-terms (or BRAIN_DIFFUSER_ACCEPT_NSD_TERMS=1).")
         return report
+    _say(f"{TERMS_TEXT}\nNSD terms accepted ({terms['by']}, {terms['accepted_at']}); recorded in the manifest.")
     P.check_space(plan, free=free)
     manifest.set_meta("nsd_terms", terms)
 
