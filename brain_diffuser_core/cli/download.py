@@ -116,6 +116,12 @@ def _guard(fn):
     return wrapped
 
 
+def _finish(report, args) -> int:
+    if not args.dry_run:
+        print(report.summary())
+    return 0
+
+
 @_guard
 def run_nsd(args) -> int:
     from ..download.errors import USAGE, DownloadError
@@ -131,10 +137,7 @@ def run_nsd(args) -> int:
                       stimuli=args.stimuli, captions=args.captions, jobs=args.jobs, s3_endpoint=args.s3_endpoint,
                       coco_url=args.coco_url or COCO_ANNOTATIONS_URL, dry_run=args.dry_run,
                       accept_terms=args.accept_nsd_terms, progress=not args.no_progress, policy=_policy(args))
-    report = download_nsd(opts)
-    if not args.dry_run:
-        print(report.summary())
-    return 0
+    return _finish(download_nsd(opts), args)
 
 
 @_guard
@@ -144,10 +147,7 @@ def run_weights(args) -> int:
     opts = WeightsOptions(out=Path(args.out), hf_endpoint=args.hf_endpoint, vdvae_url=args.vdvae_url or VDVAE_URL,
                           vdvae_sha256=args.vdvae_sha256 or VDVAE_SHA256, jobs=args.jobs, dry_run=args.dry_run,
                           progress=not args.no_progress, policy=_policy(args))
-    report = download_weights(opts)
-    if not args.dry_run:
-        print(report.summary())
-    return 0
+    return _finish(download_weights(opts), args)
 
 
 @_guard

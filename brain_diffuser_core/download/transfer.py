@@ -116,6 +116,10 @@ class Policy:
     checkpoint_bytes: int = 8 << 20  # block size when the object is not multipart
     sleep: Callable[[float], None] = time.sleep
 
+    def back_off(self, fails: int) -> None:
+        """Sleep before retry number ``fails`` (1, 2, ...): backoff_s, doubling, capped."""
+        self.sleep(min(self.backoff_max_s, self.backoff_s * 2 ** (fails - 1)))
+
 
 @dataclass
 class FetchResult:
@@ -297,7 +301,7 @@ class _Transfer:
         self._fails += 1
         if self._fails > self.policy.retries:
             raise err
-        self.policy.sleep(min(self.policy.backoff_max_s, self.policy.backoff_s * 2 ** (self._fails - 1)))
+        self.policy.back_off(self._fails)
 
     def _stream(self) -> tuple[_Hashes, list[str]]:
         size = self.remote.size
@@ -517,7 +521,7 @@ def read_range(source: Source, remote: Remote, start: int, end: int, policy: Pol
             fails += 1
             if fails > policy.retries:
                 raise _remote_error(remote, Path(remote.key), err) from None
-            policy.sleep(min(policy.backoff_max_s, policy.backoff_s * 2 ** (fails - 1)))
+            policy.back_off(fails)
         except RemoteError as err:
             raise _remote_error(remote, Path(remote.key), err) from None
         finally:
