@@ -11,6 +11,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 
+from .errors import USAGE, DownloadError
 from .transfer import Changed, Denied, Missing, NotData, Remote, Transient
 
 __all__ = ["HTTPSource", "HubFile", "hub_files", "hub_resolve_url"]
@@ -130,10 +131,13 @@ class HubFile:
 def hub_files(endpoint: str | None, repo: str, revision: str) -> list[HubFile]:
     """Every file of ``repo`` at ``revision`` (recursive tree listing; never reads a token)."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
         entries = list(HfApi(endpoint=endpoint, token=False).list_repo_tree(repo, revision=revision, recursive=True))
+    except OfflineModeIsEnabled:
+        raise DownloadError(USAGE, "HF_HUB_OFFLINE is set in the environment (huggingface_hub reads it at import): "
+                                   "unset it for `download weights`") from None
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", 0) or 0
         raise (_status_error(f"{endpoint or 'the hub'} {repo}@{revision}", status) or NotData(str(err))) from None

@@ -311,7 +311,7 @@ def download_nsd(opts: NSDOptions, s3=None, http=None) -> RunReport:
     """Plan, print, check and fetch one subject (see the module doc). ``s3``/``http``: sources (tests)."""
     from .http import HTTPSource
     from .s3 import S3Source
-    from .stimuli import fetch_subset, shown_image_ids
+    from .stimuli import fetch_subset, local_present, shown_image_ids
     from .terms import TERMS_TEXT, require_acceptance
 
     root = Path(opts.out)
@@ -378,10 +378,12 @@ def download_nsd(opts: NSDOptions, s3=None, http=None) -> RunReport:
             else:
                 manifest.forget(P.STIMULI_KEY)  # the file moves back to .part while it is extended
                 remote = s3.remote(obj)
-                result = fetch_subset(s3, remote, root / P.STIMULI_KEY, ids, policy=opts.policy, jobs=opts.jobs,
-                                      on_bytes=progress.file_bar(P.STIMULI_KEY, subset.size)[1])
-                from .stimuli import local_present
-
+                bar, on_bytes = progress.file_bar(P.STIMULI_KEY, subset.size)
+                try:
+                    result = fetch_subset(s3, remote, root / P.STIMULI_KEY, ids, policy=opts.policy, jobs=opts.jobs,
+                                          on_bytes=on_bytes)
+                finally:
+                    bar.close()
                 present = local_present(root / P.STIMULI_KEY)
                 manifest.record(P.STIMULI_KEY, {
                     "size": (root / P.STIMULI_KEY).stat().st_size, "sha256": sha256_file(root / P.STIMULI_KEY),
