@@ -373,10 +373,10 @@ def test_503_is_retried_with_back_off(servers, proxies, tmp_path):
     proxy, _ = proxies
     proxy.add("status", ROI, n=503, times=2)
     sleeps = []
-    policy = T.Policy(**FAST, sleep=sleeps.append)
-    report = download_nsd(nsd_opts(servers, tmp_path / "nsd", sessions=[1], stimuli="none", captions="none",
-                                   policy=policy))
-    assert report.per_file[ROI]["retries"] == 2 and sleeps[:2] == [0.001, 0.002]
+    s3 = S3Source(endpoint_url=proxy.url)
+    result = T.fetch(s3, s3.remote(s3.head(ROI)), tmp_path / "roi.nii.gz", policy=T.Policy(**FAST, sleep=sleeps.append))
+    assert result.retries == 2 and sleeps == [0.001, 0.002]
+    assert (tmp_path / "roi.nii.gz").read_bytes() == servers["layout"][ROI]
 
 
 def test_403_on_a_required_file_fails_clearly(servers, proxies, tmp_path):
