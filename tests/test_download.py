@@ -558,13 +558,17 @@ def weights_opts(servers, out, **kw) -> WeightsOptions:
 
 def test_weights_models_json_rerun_and_faults(servers, proxies, tmp_path):
     _, hproxy = proxies
-    unet = f"image_unet/diffusion_pytorch_model.bin"
+    out = tmp_path / "weights"
+    assert main(["download", "weights", "--out", str(out), "--hf-endpoint", hproxy.url, "--vdvae-url",
+                 hproxy.url + "/vdvae/" + VDVAE_NAME, "--dry-run", "--no-progress"]) == 0
+    assert [e for e in hproxy.requests(method="GET") if "/api/" not in e["path"]] == [] and not out.exists()
+    hproxy.reset()
+    unet = "image_unet/diffusion_pytorch_model.bin"
     hproxy.add("drop", unet, n=100_000)  # resumes from the 64 KiB checkpoint
     hproxy.add("flip", "text_unet/diffusion_pytorch_model.bin", n=10)  # LFS sha256 catches it
     hproxy.add("flip", "vae/config.json", n=0)  # git blob sha1 catches it
     hproxy.add("drop", VDVAE_NAME, n=100_000)
     hproxy.add("ignore_range", VDVAE_NAME)  # the resumed request gets 200 + the whole file: restart from 0
-    out = tmp_path / "weights"
     report = download_weights(weights_opts(servers, out))
     vd = out / "versatile-diffusion"
     for path, data in VD_FILES.items():
@@ -573,6 +577,8 @@ def test_weights_models_json_rerun_and_faults(servers, proxies, tmp_path):
         if not skipped:
             assert (vd / path).read_bytes() == data
     assert (out / "vdvae" / VDVAE_NAME).read_bytes() == VDVAE_BYTES
+    vdvae_gets = hproxy.requests(VDVAE_NAME, method="GET")
+    assert [e["fault"] for e in vdvae_gets] == ["drop", "ignore_range"] and vdvae_gets[1]["range"] == "bytes=65536-199999"
     assert report.per_file["versatile-diffusion/text_unet/diffusion_pytorch_model.bin"]["restarts"] == 1
     assert report.per_file["versatile-diffusion/vae/config.json"]["restarts"] == 1
     unet_gets = [e for e in hproxy.requests(unet, method="GET")]
