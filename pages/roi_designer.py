@@ -14,6 +14,7 @@ import streamlit as st
 
 from brain_diffuser_core import export, roi_grid, surface
 from brain_diffuser_core import patterns as pattern_lib
+from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.rois import PAPER_ROIS, PAPER_PRESETS, ROI_CATALOGUE, roi_names
 from pages import _state, _views
 
@@ -24,7 +25,13 @@ GROUPS = (("The paper's eight ROIs", PAPER_ROIS), ("Fine ROIs", tuple(roi_names(
 ctx = _state.context()
 bd = _state.diffuser(ctx.bundle_path, ctx.device)
 subjects = ctx.single_subjects
-subject_data = {s: _state.subject_data(ctx.nsd_root, s) for s in subjects}
+subject_data = {}
+for s in subjects:
+    try:
+        subject_data[s] = _state.subject_data(ctx.nsd_root, s)
+    except FileNotFoundError as err:  # a folder bundle's NSD root without this subject's files
+        st.error(missing_data_hint(ctx.nsd_root, s, err))
+        st.stop()
 available = [r for r in ROI_CATALOGUE if all(r in d.roi_names() for d in subject_data.values())]
 
 st.title("ROI designer")
