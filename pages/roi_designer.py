@@ -242,15 +242,27 @@ with st.expander("The paper's ROI figure: 8 ROIs + 5 eccentricity bands x subjec
     if fig_left.button("Make the ROI figure", key="roi_grid_go"):
         grid_status = fig_right.status("Making the ROI figure...", expanded=False)
         grid_bar = fig_right.progress(0.0, text="starting")
-        all_data = {s: _state.subject_data(ctx.nsd_root, s) for s in ctx.subjects}
+        all_data, missing = {}, None
+        for s in ctx.subjects:
+            try:
+                all_data[s] = _state.subject_data(ctx.nsd_root, s)
+            except FileNotFoundError as err:  # another subject's files are missing from the NSD root
+                missing = missing_data_hint(ctx.nsd_root, s, err)
+                break
+        grid = None
         try:
-            grid = roi_grid.make_roi_grid(
-                bd, all_data, n_seeds=grid_seeds, base_seed=ctx.seed, num_inference_steps=ctx.num_inference_steps,
-                progress=lambda label, done, total: grid_bar.progress(done / total, text=f"{label} ({done}/{total})"),
-                on_wait=_state.queue_reporter(grid_status, "Making the ROI figure..."))
+            if missing is None:
+                grid = roi_grid.make_roi_grid(
+                    bd, all_data, n_seeds=grid_seeds, base_seed=ctx.seed,
+                    num_inference_steps=ctx.num_inference_steps,
+                    progress=lambda label, done, total: grid_bar.progress(done / total,
+                                                                          text=f"{label} ({done}/{total})"),
+                    on_wait=_state.queue_reporter(grid_status, "Making the ROI figure..."))
         except (ValueError, RuntimeError) as err:
+            missing = f"ROI figure failed: {err}"
+        if grid is None:
             grid_status.update(label="ROI figure failed", state="error")
-            fig_right.error(f"ROI figure failed: {err}")
+            fig_right.error(missing)
         else:
             grid_status.update(label="ROI figure done", state="complete")
             st.session_state["roi_grid"] = (grid_key, grid.to_image())
