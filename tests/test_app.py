@@ -126,6 +126,20 @@ def test_roi_designer_preset_surface_and_generate(app):
     assert any("2 scene(s)" in c.value for c in app.caption)
 
 
+def test_roi_designer_makes_the_paper_roi_figure(app):
+    from brain_diffuser_core.roi_grid import GRID_ROIS
+
+    app.run()
+    app.slider(key="roi_grid_seeds").set_value(1).run()
+    app.button(key="roi_grid_go").click().run()
+    assert not _errors(app), _errors(app)
+    key, picture = app.session_state["roi_grid"]
+    # 13 rows (8 ROIs + 5 bands) of 80 px under an 18 px header; columns: 2 subjects + the average, 1 seed each
+    assert picture.shape == (18 + len(GRID_ROIS) * 80, 64 + 3 * (80 + 6), 3)
+    assert any("rows: ROIs" in c for img in app.get("image") for c in img.captions)
+    assert any(b.label == "Download the ROI figure (PNG)" for b in app.get("download_button"))
+
+
 def test_roi_designer_average_and_hemisphere(app):
     app.run()
     app.sidebar.selectbox(key="subject").set_value("average").run()
