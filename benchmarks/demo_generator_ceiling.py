@@ -43,7 +43,9 @@ def main() -> None:
     cache = cache_root() if args.cache_dir is None else args.cache_dir
     bundle = ensure_demo_bundle(cache)
     diffuser = BrainDiffuser(bundle, device="cpu")
-    subject = load_subject(f"{cache}/mininsd-v1", args.subject, cache_dir=f"{cache}/nsd", progress=False)
+    from brain_diffuser_core.world.build import WORLD_FORMAT_VERSION
+
+    subject = load_subject(f"{cache}/mininsd-v{WORLD_FORMAT_VERSION}", args.subject, cache_dir=f"{cache}/nsd", progress=False)
     n = min(args.n, len(subject.test_image_ids))
     ids = [int(i) for i in subject.test_image_ids[:n]]
     stores = glob.glob(f"{cache}/demo-features/*")
