@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import cache_root
 from .io import atomic_path
-from .nsd import NSDFormatError, mask_checksum
+from .nsd import NSDFormatError, _file_stamp, mask_checksum
 from .nsd_format import FSAVERAGE_N_VERTICES, INVALID_COORD, LAYERS, NSD_HEMIS, NSDPaths
 from .rois import roi_spec
 
@@ -93,11 +93,6 @@ def _load_mgh(path: Path) -> np.ndarray:
         return np.asarray(nib.load(str(path)).get_fdata(dtype=np.float64))
     except Exception as err:  # nibabel raises several types for damaged files
         raise NSDFormatError(f"{path}: not a readable FreeSurfer MGH file ({type(err).__name__}: {err})") from None
-
-
-def _file_stamp(path: Path) -> list:
-    st = path.stat()
-    return [path.name, int(st.st_size), int(st.st_mtime_ns)]
 
 
 # ------------------------------------------------------------------------------------------------- the map
