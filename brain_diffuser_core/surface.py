@@ -183,8 +183,14 @@ def _nilearn_colours(hemi: str, values_bytes: bytes, vmax: float):
 
 
 #: camera of :func:`flat_figure`: straight above the flat map, orthographic (a 2-D view of the 3-D scene)
-FLAT_CAMERA = dict(eye=dict(x=0.0, y=0.0, z=2.0), up=dict(x=0.0, y=1.0, z=0.0), center=dict(x=0.0, y=0.0, z=0.0),
+FLAT_CAMERA = dict(eye=dict(x=0.0, y=0.0, z=1.0), up=dict(x=0.0, y=1.0, z=0.0), center=dict(x=0.0, y=0.0, z=0.0),
                    projection=dict(type="orthographic"))
+
+
+#: flat map scene size (plotly aspect-ratio units of the map's width) that fills a 380-px-high chart, and the
+#: height / width ratio beyond which the map is scaled to its height instead
+FLAT_SCALE = 2.6
+FLAT_HEIGHT_RATIO = 0.8
 
 
 @functools.lru_cache(maxsize=1)
@@ -278,7 +284,12 @@ def _hemispheres_figure(surface_maps, title, outlines, region, flat: bool, value
     axis = dict(visible=False, showbackground=False)
     scene = dict(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data", camera=FLAT_CAMERA if flat else OCCIPITAL_CAMERA)
     if flat:
-        scene["dragmode"] = "pan"  # a map: pan and zoom, no rotation by default
+        # "data" would scale x and y up by the cube root of the (nearly zero) z range: set the map's own proportions
+        xy = np.concatenate([np.column_stack([t.x, t.y]) for t in fig.data if t.name in hemis])
+        span = np.ptp(xy, axis=0)
+        scale = FLAT_SCALE / max(1.0, float(span[1] / span[0]) / FLAT_HEIGHT_RATIO)  # fit the height when taller
+        scene.update(aspectmode="manual", aspectratio=dict(x=scale, y=scale * float(span[1] / span[0]), z=0.02),
+                     dragmode="pan")  # a map: pan and zoom, no rotation by default
     fig.update_layout(title=dict(text=title) if title else None, height=380, margin=dict(l=0, r=0, t=30, b=0),
                       showlegend=False, scene=scene)
     return fig

@@ -252,11 +252,12 @@ def test_hemispheres_from_the_hemisphere_nsdgeneral_files(tmp_path, rng):
         write_label_volume(paths.hemi_nsdgeneral(h), vol, affine)
     np.testing.assert_array_equal(ns.hemispheres_from_nsdgeneral(paths, ijk), truth)
     both = np.asarray(nib.load(paths.hemi_nsdgeneral("rh")).dataobj).copy()
-    both[tuple(ijk[0])] = 1  # voxel 0 claimed by the right hemisphere too (or by both)
+    k = int(np.flatnonzero(truth == "left")[0])
+    both[tuple(ijk[k])] = 1  # a left voxel claimed by the right hemisphere too
     write_label_volume(paths.hemi_nsdgeneral("rh"), both, affine)
-    if truth[0] == "left":
-        with pytest.raises(NSDFormatError, match=r"1 nsdgeneral voxels are in both or neither"):
-            ns.hemispheres_from_nsdgeneral(paths, ijk)
+    with pytest.raises(NSDFormatError, match=rf"1 nsdgeneral voxels are in both or neither .* voxel "
+                                             rf"\({ijk[k][0]}, {ijk[k][1]}, {ijk[k][2]}\)"):
+        ns.hemispheres_from_nsdgeneral(paths, ijk)
     paths.hemi_nsdgeneral("lh").unlink()
     with pytest.raises(FileNotFoundError, match="lh.nsdgeneral.nii.gz is missing"):
         ns.hemispheres_from_nsdgeneral(paths, ijk)
