@@ -19,6 +19,15 @@ file                             layout
                                  ``cocoId``, ``cocoSplit`` (``train2017``/``val2017``) and ``nsdId``
 ``captions_<split>.json``        COCO annotations: ``{"annotations": [{"image_id", "id", "caption"}, ...]}``
 ``COCO_73k_annots_curated.npy``  (73000, 5) unicode array, one row per 73k image, "" where no caption
+``roi/{lh,rh}.nsdgeneral.nii.gz`` as ``roi/<name>.nii.gz``; -1 = not this hemisphere's cortex, 0 = cortex
+                                 unlabelled, 1 = in nsdgeneral
+``transforms/{lh,rh}.func1pt8-   MGH (gzipped), big-endian float32, shape (V_h, 1, 1, 3): per native vertex the
+to-layerB{1,2,3}.mgz``           1-based (i, j, k) into the func1pt8mm array at 25 / 50 / 75 % cortical depth;
+                                 9999 = no valid data
+``transforms/{lh,rh}.white-to-   MGH float32 (163842, 1, 1): per fsaverage vertex the 1-based index of the
+fsaverage.mgz``                  nearest native vertex
+``freesurfer/subjXX/label/       MGH float32 (V_h, 1, 1) integer labels on the native vertices (0 = none), with
+{lh,rh}.<roi>.mgz``              ``<roi>.mgz.ctab`` (lines ``idx name``, first ``0 Unknown``)
 ===============================  ============================================================================
 
 All writers write atomically (a temporary file renamed into place, :mod:`brain_diffuser_core.io`).
@@ -50,6 +59,14 @@ __all__ = [
     "write_stimuli_hdf5",
     "write_captions_npy",
     "write_coco_captions",
+    "write_mgh",
+    "write_layer_coords",
+    "write_white_to_fsaverage",
+    "write_surface_label",
+    "NSD_HEMIS",
+    "LAYERS",
+    "FSAVERAGE_N_VERTICES",
+    "INVALID_COORD",
 ]
 
 #: the betas version Brain-Diffuser uses (GLMsingle with fitted HRF, GLMdenoise and ridge regression)
@@ -60,6 +77,14 @@ CAPTIONS_NPY_NAME = "COCO_73k_annots_curated.npy"
 COCO_SPLITS: tuple[str, ...] = ("train2017", "val2017")
 #: descriptive text of MATLAB v5 headers (116 bytes; MATLAB ignores it): no creation time, so writes are reproducible
 _MAT_HEADER_TEXT = b"MATLAB 5.0 MAT-file, written by brain_diffuser_core".ljust(116, b" ")
+#: NSD's hemisphere prefixes by nilearn's hemisphere names (lh = nilearn's "left"; no left-right flip)
+NSD_HEMIS: dict[str, str] = {"left": "lh", "right": "rh"}
+#: NSD's three cortical depths (B1 25 % near pial, B2 50 %, B3 75 % near white), sampled by func1pt8-to-layer*.mgz
+LAYERS: tuple[str, ...] = ("layerB1", "layerB2", "layerB3")
+#: vertices of one fsaverage hemisphere (icosahedron order 7): rows of white-to-fsaverage.mgz
+FSAVERAGE_N_VERTICES = 163842
+#: NSD's marker of a vertex without valid func1pt8mm coordinates
+INVALID_COORD = 9999.0
 #: gzip level for NIfTI writers (nibabel's default is also 1: fast, files stay compact)
 _GZIP_LEVEL = 1
 
@@ -165,13 +190,36 @@ class NSDPaths:
 
     def surface_label(self, hemi: str, roi: str) -> Path:
         """Surface label ``label/{lh,rh}.<roi>.mgz``; its label table is this path + ``.ctab``."""
-        if hemi not in ("lh", "rh"):
-            raise ValueError(f"'hemi' must be one of ['lh', 'rh']; {hemi!r} was provided")
-        return self.freesurfer_label_dir / f"{hemi}.{roi}.mgz"
+        return self.freesurfer_label_dir / f"{_check_nsd_hemi(hemi)}.{roi}.mgz"
 
     @property
     def fsaverage_label_dir(self) -> Path:
         return self.root / "nsddata" / "freesurfer" / "fsaverage" / "label"
+
+    def hemi_nsdgeneral(self, hemi: str) -> Path:
+        """``roi/{lh,rh}.nsdgeneral.nii.gz``: which voxels are this hemisphere's cortex (-1 = not)."""
+        return self.roi_file(f"{_check_nsd_hemi(hemi)}.nsdgeneral")
+
+    # -- transforms (volume -> surface) --------------------------------------------------------------------
+    @property
+    def transforms_dir(self) -> Path:
+        return self.root / "nsddata" / "ppdata" / self.subj / "transforms"
+
+    def layer_coords(self, hemi: str, layer: str) -> Path:
+        """``transforms/{lh,rh}.func1pt8-to-<layer>.mgz`` (layer one of :data:`LAYERS`)."""
+        if layer not in LAYERS:
+            raise ValueError(f"'layer' must be one of {list(LAYERS)}; {layer!r} was provided")
+        return self.transforms_dir / f"{_check_nsd_hemi(hemi)}.func1pt8-to-{layer}.mgz"
+
+    def white_to_fsaverage(self, hemi: str) -> Path:
+        """``transforms/{lh,rh}.white-to-fsaverage.mgz``: nearest native vertex of every fsaverage vertex."""
+        return self.transforms_dir / f"{_check_nsd_hemi(hemi)}.white-to-fsaverage.mgz"
+
+
+def _check_nsd_hemi(hemi: str) -> str:
+    if hemi not in ("lh", "rh"):
+        raise ValueError(f"'hemi' must be one of ['lh', 'rh']; {hemi!r} was provided")
+    return hemi
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,3 +474,66 @@ def write_coco_captions(
             tmp.write_text(json.dumps({"images": images[s], "annotations": annotations[s]}))
         out[s] = target
     return out
+
+
+# ----------------------------------------------------------------------------------------------- surfaces
+def write_mgh(path, data) -> Path:
+    """Write a FreeSurfer MGH volume as NSD ships them: big-endian float32, gzipped when ``path`` ends in ``.mgz``.
+
+    data : float array, 3-D or 4-D (nibabel's MGH shapes, e.g. (V, 1, 1) or (V, 1, 1, 3)); stored as float32
+    (nibabel refuses float64). The affine is the identity (the files are per-vertex tables, not volumes).
+    """
+    import nibabel as nib
+
+    arr = np.asarray(data, dtype=np.float32)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"MGH data must be 3-D or 4-D (e.g. (n_vertices, 1, 1)); shape {arr.shape} was provided")
+    raw = nib.MGHImage(arr, np.eye(4)).to_bytes()  # MGH is big-endian by definition
+    path = Path(path)
+    if not path.name.endswith((".mgz", ".mgh")):
+        raise ValueError(f"MGH path must end with '.mgz' or '.mgh'; {path.name!r} was provided")
+    with atomic_path(path) as tmp:
+        if path.name.endswith(".mgz"):
+            with open(tmp, "wb") as f, gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=6, mtime=0) as gz:
+                gz.write(raw)
+        else:
+            tmp.write_bytes(raw)
+    return path
+
+
+def write_layer_coords(path, coords_1based) -> Path:
+    """Write ``{lh,rh}.func1pt8-to-layerB*.mgz``: float (V_h, 3) 1-based (i, j, k), rows of 9999 = no data.
+
+    Stored as NSD does: shape (V_h, 1, 1, 3), big-endian float32.
+    """
+    c = np.asarray(coords_1based, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != 3:
+        raise ValueError(f"'coords_1based' must have shape (n_vertices, 3); shape {c.shape} was provided")
+    return write_mgh(path, c.reshape(-1, 1, 1, 3))
+
+
+def write_white_to_fsaverage(path, native_index_1based) -> Path:
+    """Write ``{lh,rh}.white-to-fsaverage.mgz``: int (163842,) 1-based native vertex of each fsaverage vertex."""
+    idx = np.asarray(native_index_1based)
+    if idx.shape != (FSAVERAGE_N_VERTICES,):
+        raise ValueError(f"'native_index_1based' must have shape ({FSAVERAGE_N_VERTICES},) (one row per fsaverage "
+                         f"vertex); shape {idx.shape} was provided")
+    if idx.size and idx.min() < 1:
+        raise ValueError(f"'native_index_1based' must hold 1-based indices (>= 1); minimum {idx.min()} was found")
+    return write_mgh(path, idx.reshape(-1, 1, 1))
+
+
+def write_surface_label(path, labels, names: Mapping[int, str]) -> Path:
+    """Write a native-surface label ``label/{lh,rh}.<roi>.mgz`` (float32 (V_h, 1, 1)) and its ``.ctab``.
+
+    labels : int (V_h,) 0 = no label; names : {label value: name} for the ctab (``0 Unknown`` is added first).
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"'labels' must be an integer array (n_vertices,); {lab.dtype} {lab.shape} was provided")
+    path = write_mgh(path, lab.reshape(-1, 1, 1))
+    lines = ["0 Unknown"] + [f"{int(k)} {v}" for k, v in sorted(names.items()) if int(k) != 0]
+    ctab = path.with_name(path.name + ".ctab")
+    with atomic_path(ctab) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,17 +1,16 @@
-"""Voxel patterns on the cortical surface: hemispheres, the voxel -> fsaverage5 vertex map, ROI outlines and
-the plotly figure of both hemispheres (:func:`surface_figure`). Plain functions (no streamlit); the app's
-pages call them.
+"""Voxel patterns on the cortical surface, drawn: the plotly figures of both hemispheres on the inflated
+fsaverage5 surface (:func:`surface_figure`) and on its flat map (:func:`flat_figure`), ROI outlines, and the
+voxel-space fallback (:func:`voxel_figure`). Plain functions (no streamlit); the app's pages call them.
 
 Conventions
 -----------
 * A *pattern* is float (n_voxels,), one value per nsdgeneral voxel of a subject, in the subject's voxel order
   (:class:`brain_diffuser_core.nsd.Subject`); units are whatever the caller's are (z-scores, ROI weights).
-* ``hemispheres`` is str (n_voxels,) holding "left" / "right" for each voxel.
-* ``vertex_index`` is int (n_voxels,): each voxel's fsaverage5 vertex within its own hemisphere
-  (0 .. :data:`FSAVERAGE5_N_VERTICES` - 1). The MiniNSD world writes it to
-  ``<root>/world/vertex_map_subjXX.npz`` (:func:`load_vertex_map`); real NSD data have none, and the pages
-  fall back to :func:`voxel_figure` (volume index space).
-* A *surface map* is {"left", "right": float32 (n_vertices,)}, one value per fsaverage5 vertex.
+* ``hemispheres`` is str (n_voxels,) holding "left" / "right" for each voxel
+  (:func:`brain_diffuser_core.nsd_surface.hemispheres_from_nsdgeneral`).
+* A *surface map* is {"left", "right": float32 (10242,)}, one value per fsaverage5 vertex, NaN where the vertex
+  has no value (coverage < 0.5): :meth:`brain_diffuser_core.nsd_surface.SurfaceMap.project` makes them from
+  NSD's transforms (real subjects and the MiniNSD world alike).
 """
 from __future__ import annotations
 
@@ -42,18 +41,12 @@ def _check_same_length(**arrays: np.ndarray) -> int:
 
 
 # ------------------------------------------------------------------------------------------- hemispheres
-def hemisphere_masks(hemispheres: np.ndarray) -> dict[str, np.ndarray]:
-    """{"left", "right": bool (n_voxels,)} from str (n_voxels,) labels; raises on any other label."""
-    hemispheres = np.asarray(hemispheres).astype(str)
-    bad = ~np.isin(hemispheres, HEMIS)
-    if bad.any():
-        raise ValueError(f"hemisphere labels must be 'left' or 'right'; {int(bad.sum())} other value(s) were "
-                         f"found, e.g. {str(hemispheres[bad][0])!r} at index {int(np.flatnonzero(bad)[0])}")
-    return {h: hemispheres == h for h in HEMIS}
-
-
 def hemispheres_from_affine(voxel_ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """str (n_voxels,) "left"/"right" from the sign of each voxel's x in RAS mm (x < 0: left).
+
+    Only a last resort when ``roi/{lh,rh}.nsdgeneral.nii.gz`` are missing: NSD's func1pt8mm affine is nominal
+    (slab-centred), so on real data this rule cuts in the wrong place (use
+    :func:`brain_diffuser_core.nsd_surface.hemispheres_from_nsdgeneral`).
 
     voxel_ijk : int (n_voxels, 3) volume indices; affine : (4, 4) voxel -> RAS mm.
     """
@@ -76,69 +69,7 @@ def restrict_to_hemisphere(pattern: np.ndarray, hemispheres: np.ndarray, hemisph
     return np.where(np.asarray(hemispheres) == hemisphere, pattern, 0).astype(np.float32)
 
 
-# ------------------------------------------------------------------------------------------- vertex map
-def load_vertex_map(path: str | Path, voxel_ijk: np.ndarray | None = None) -> dict | None:
-    """Read a world's ``vertex_map_subjXX.npz``; None when the file is missing or its voxels differ.
-
-    Returns {"vertex_index": int64 (n_voxels,), "hemisphere": str (n_voxels,)} in the file's voxel order.
-    When ``voxel_ijk`` (int (n_voxels, 3), the subject's voxels) is given, the file's voxels must equal it
-    row for row, else None (the map belongs to other data).
-    """
-    path = Path(path)
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        ijk, vidx, hemi = z["voxel_ijk"], z["vertex_index"], z["hemisphere"]
-    if voxel_ijk is not None:
-        voxel_ijk = np.asarray(voxel_ijk)
-        if ijk.shape != voxel_ijk.shape or not np.array_equal(ijk, voxel_ijk):
-            return None
-    return {"vertex_index": vidx.astype(np.int64), "hemisphere": hemi.astype(str)}
-
-
-def vertex_map_path(nsd_root: str | Path, subject: int) -> Path:
-    """Where a MiniNSD world keeps subject's voxel -> vertex map: ``<root>/world/vertex_map_subjXX.npz``."""
-    return Path(nsd_root) / "world" / f"vertex_map_subj{int(subject):02d}.npz"
-
-
-def pattern_on_surface(pattern: np.ndarray, vertex_index: np.ndarray, hemispheres: np.ndarray,
-                       n_vertices: int = FSAVERAGE5_N_VERTICES) -> dict[str, np.ndarray]:
-    """Voxel pattern (n_voxels,) -> {"left", "right": float32 (n_vertices,)}: mean of the voxels per vertex.
-
-    Vertices no voxel maps to get 0. ``vertex_index`` int (n_voxels,) in 0 .. n_vertices - 1.
-    """
-    pattern = np.asarray(pattern, dtype=np.float64)
-    vertex_index = np.asarray(vertex_index)
-    _check_same_length(pattern=pattern, vertex_index=vertex_index, hemispheres=hemispheres)
-    if vertex_index.size and (vertex_index.min() < 0 or vertex_index.max() >= n_vertices):
-        raise ValueError(f"'vertex_index' must lie in 0..{n_vertices - 1}; values "
-                         f"{int(vertex_index.min())}..{int(vertex_index.max())} were provided")
-    out = {}
-    for hemi, sel in hemisphere_masks(hemispheres).items():
-        total = np.bincount(vertex_index[sel], weights=pattern[sel], minlength=n_vertices)
-        count = np.bincount(vertex_index[sel], minlength=n_vertices)
-        out[hemi] = (total / np.maximum(count, 1)).astype(np.float32)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- ROI outlines
-def roi_on_surface(voxel_mask: np.ndarray, vertex_index: np.ndarray, hemispheres: np.ndarray,
-                   n_vertices: int = FSAVERAGE5_N_VERTICES) -> dict[str, np.ndarray]:
-    """{"left", "right": bool (n_vertices,)}: the vertices holding at least one voxel of an ROI.
-
-    voxel_mask : bool (n_voxels,), the ROI's voxels (``Subject.roi_mask(name)``).
-    """
-    voxel_mask = np.asarray(voxel_mask, dtype=bool)
-    _check_same_length(voxel_mask=voxel_mask, vertex_index=vertex_index, hemispheres=hemispheres)
-    vertex_index = np.asarray(vertex_index)
-    out = {}
-    for hemi, sel in hemisphere_masks(hemispheres).items():
-        m = np.zeros(n_vertices, bool)
-        m[vertex_index[sel & voxel_mask]] = True
-        out[hemi] = m
-    return out
-
-
 def outline_vertices(vertex_mask: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """bool (n_vertices,): the vertices of a region that share a mesh triangle with a vertex outside it.
 
@@ -215,12 +146,17 @@ def crop_mesh(coords: np.ndarray, faces: np.ndarray, y_cut: float) -> tuple[np.n
         raise ValueError(f"'coords' must have shape (n_vertices, 3); shape {coords.shape} was provided")
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"'faces' must have shape (n_faces, 3); shape {faces.shape} was provided")
-    inside = coords[:, 1] < y_cut
-    kept = np.flatnonzero(inside)
-    new_index = np.full(len(coords), -1, np.int64)
+    kept, new_faces = _sub_mesh(coords[:, 1] < y_cut, faces)
+    return kept, coords[kept], new_faces
+
+
+def _sub_mesh(keep: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept int (n_kept,) increasing, faces int (n_kept_faces, 3) re-indexed): the faces all of whose vertices
+    are kept (``keep`` bool (n_vertices,))."""
+    kept = np.flatnonzero(keep)
+    new_index = np.full(len(keep), -1, np.int64)
     new_index[kept] = np.arange(len(kept))
-    face_kept = inside[faces].all(axis=1)
-    return kept, coords[kept], new_index[faces[face_kept]]
+    return kept, new_index[faces[keep[faces].all(axis=1)]]
 
 
 @functools.lru_cache(maxsize=16)
@@ -246,15 +182,130 @@ def _nilearn_colours(hemi: str, values_bytes: bytes, vmax: float):
     return colours, bar
 
 
+#: camera of :func:`flat_figure`: straight above the flat map, orthographic (a 2-D view of the 3-D scene)
+FLAT_CAMERA = dict(eye=dict(x=0.0, y=0.0, z=1.0), up=dict(x=0.0, y=1.0, z=0.0), center=dict(x=0.0, y=0.0, z=0.0),
+                   projection=dict(type="orthographic"))
+
+
+#: flat map scene size (plotly aspect-ratio units of the map's width) that fills a 380-px-high chart, and the
+#: height / width ratio beyond which the map is scaled to its height instead
+FLAT_SCALE = 2.6
+FLAT_HEIGHT_RATIO = 0.8
+
+
+@functools.lru_cache(maxsize=1)
+def fsaverage5_flat():
+    """nilearn's bundled fsaverage5 flat mesh (``PolyMesh``; same vertex order as the inflated one; the medial
+    wall's vertices are in no face), loaded once."""
+    from nilearn import datasets
+
+    return datasets.load_fsaverage("fsaverage5")["flat"]
+
+
+def _check_maps(surface_maps: Mapping[str, np.ndarray]) -> list[str]:
+    hemis = [h for h in HEMIS if h in surface_maps]
+    unknown = sorted(set(surface_maps) - set(HEMIS))
+    if unknown or not hemis:
+        raise ValueError(f"'surface_maps' must have keys among {list(HEMIS)} (at least one); keys "
+                         f"{sorted(surface_maps)} were provided")
+    for hemi in hemis:
+        if np.shape(surface_maps[hemi]) != (FSAVERAGE5_N_VERTICES,):
+            raise ValueError(f"surface_maps[{hemi!r}] must have shape ({FSAVERAGE5_N_VERTICES},); shape "
+                             f"{np.shape(surface_maps[hemi])} was provided")
+    return hemis
+
+
+def _hover_text(hemi: str, values: np.ndarray, kept: np.ndarray, value_label: str) -> list[str]:
+    """One hover line per kept vertex: "left 1234: weight 0.52" or "... no value (coverage < 0.5)"."""
+    v = values[kept]
+    return [f"{hemi} {i}: {value_label} {x:.3g}" if np.isfinite(x) else f"{hemi} {i}: no value (coverage < 0.5)"
+            for i, x in zip(kept.tolist(), v.tolist())]
+
+
+def _hemispheres_figure(surface_maps, title, outlines, region, flat: bool, value_label: str):
+    """The shared body of :func:`surface_figure` (inflated, 3-D) and :func:`flat_figure` (flat map)."""
+    import plotly.graph_objects as go
+
+    if region not in REGIONS:
+        raise ValueError(f"'region' must be one of {list(REGIONS)}; {region!r} was provided")
+    hemis = _check_maps(surface_maps)
+    inflated, _ = fsaverage5_inflated()
+    mesh = fsaverage5_flat() if flat else inflated
+    finite = [np.abs(surface_maps[h])[np.isfinite(surface_maps[h])] for h in hemis]
+    vmax = max((float(f.max()) for f in finite if f.size), default=0.0) or 1.0
+    cut = visual_y_cut() if region == "visual" else None
+    fig = go.Figure()
+    colorbar = None
+    placed = {}  # hemi -> (bool keep (10242,), x offset)
+    for hemi in hemis:
+        values = np.asarray(surface_maps[hemi], dtype=np.float32)
+        # no value -> 0 -> the sulcal background (|value| <= 1e-6 is not coloured)
+        shown = np.ascontiguousarray(np.nan_to_num(values, nan=0.0), dtype=np.float32)
+        vertexcolor, bar = _nilearn_colours(hemi, shown.tobytes(), vmax)
+        colorbar = colorbar or bar
+        part = mesh.parts[hemi]
+        coords, faces = np.asarray(part.coordinates, np.float64), np.asarray(part.faces)
+        keep = np.zeros(len(coords), bool)
+        keep[faces.ravel()] = True  # (the flat mesh leaves the medial wall out of every face)
+        if cut is not None:
+            keep &= np.asarray(inflated.parts[hemi].coordinates)[:, 1] < cut[hemi]
+        kept, sub_faces = _sub_mesh(keep, faces)
+        dx = (-HEMISPHERE_GAP_MM / 2 - coords[kept, 0].max() if hemi == "left"
+              else HEMISPHERE_GAP_MM / 2 - coords[kept, 0].min())
+        placed[hemi] = (keep, dx)
+        z = np.zeros(len(kept)) if flat else coords[kept, 2]  # the flat patch keeps a little z: flatten it
+        fig.add_trace(go.Mesh3d(x=(coords[kept, 0] + dx).astype(np.float32), y=coords[kept, 1].astype(np.float32),
+                                z=z.astype(np.float32), i=sub_faces[:, 0].astype(np.int32),
+                                j=sub_faces[:, 1].astype(np.int32), k=sub_faces[:, 2].astype(np.int32),
+                                vertexcolor=vertexcolor[kept].tolist(), name=hemi, showscale=False,
+                                text=_hover_text(hemi, values, kept, value_label),
+                                hovertemplate="%{text}<extra></extra>"))
+    if colorbar is not None:
+        fig.add_trace(go.Mesh3d(colorbar))
+    for name, masks in (outlines or {}).items():
+        xyz = []
+        for hemi in hemis:
+            if hemi not in masks:
+                continue
+            keep, dx = placed[hemi]
+            part = mesh.parts[hemi]
+            coords = np.asarray(part.coordinates, np.float64)
+            border = outline_vertices(masks[hemi], np.asarray(part.faces)) & keep
+            if flat:  # just above the flat map
+                xyz.append(np.column_stack([coords[border, 0] + dx, coords[border, 1], np.ones(border.sum())]))
+            else:  # just outside the surface (1.005 x the unshifted position), so the markers are not hidden by it
+                xyz.append(coords[border] * 1.005 + np.array([dx, 0.0, 0.0]))
+        xyz = np.concatenate(xyz) if xyz else np.zeros((0, 3))
+        if not len(xyz):
+            continue
+        fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=name,
+                                   marker=dict(size=2.0 if flat else 1.5, color="black"),
+                                   hovertemplate=f"{name}<extra></extra>"))
+    axis = dict(visible=False, showbackground=False)
+    scene = dict(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data", camera=FLAT_CAMERA if flat else OCCIPITAL_CAMERA)
+    if flat:
+        # "data" would scale x and y up by the cube root of the (nearly zero) z range: set the map's own proportions
+        xy = np.concatenate([np.column_stack([t.x, t.y]) for t in fig.data if t.name in hemis])
+        span = np.ptp(xy, axis=0)
+        scale = FLAT_SCALE / max(1.0, float(span[1] / span[0]) / FLAT_HEIGHT_RATIO)  # fit the height when taller
+        scene.update(aspectmode="manual", aspectratio=dict(x=scale, y=scale * float(span[1] / span[0]), z=0.02),
+                     dragmode="pan")  # a map: pan and zoom, no rotation by default
+    fig.update_layout(title=dict(text=title) if title else None, height=380, margin=dict(l=0, r=0, t=30, b=0),
+                      showlegend=False, scene=scene)
+    return fig
+
+
 def surface_figure(surface_maps: Mapping[str, np.ndarray], title: str = "",
-                   outlines: Mapping[str, Mapping[str, np.ndarray]] | None = None, region: str = "visual"):
+                   outlines: Mapping[str, Mapping[str, np.ndarray]] | None = None, region: str = "visual",
+                   value_label: str = "value"):
     """ONE plotly figure of per-vertex maps on the fsaverage5 inflated surface, hemispheres side by side.
 
-    surface_maps : {"left"/"right": float (10242,)} (see :func:`pattern_on_surface`), one or both hemispheres;
-        one shared symmetric colour range (RdBu_r), vertices with |value| <= 1e-6 show the sulcal background.
-        The vertex colours are nilearn's (``plot_surf(engine="plotly")``: its mesh trace per hemisphere, merged).
-    outlines : optional {roi name: {"left"/"right": bool (10242,)}} (see :func:`roi_on_surface`); each ROI's
-        border (:func:`outline_vertices`) is one black marker trace named after the ROI (both hemispheres).
+    surface_maps : {"left"/"right": float (10242,)} (see :meth:`~brain_diffuser_core.nsd_surface.SurfaceMap.project`),
+        one or both hemispheres; NaN = no value. One shared symmetric colour range (RdBu_r); vertices with no value
+        or |value| <= 1e-6 show the sulcal background. The vertex colours are nilearn's (``plot_surf(engine=
+        "plotly")``). Hovering a vertex shows "<hemi> <vertex>: <value_label> <value>".
+    outlines : optional {roi name: {"left"/"right": bool (10242,)}}; each ROI's border (:func:`outline_vertices`)
+        is one black marker trace named after the ROI (both hemispheres).
     region : "visual" (default) crops each hemisphere to its vertices posterior to :func:`visual_y_cut` (half the
         triangles, every MiniNSD patch vertex kept); "whole" keeps the full meshes.
 
@@ -264,70 +315,20 @@ def surface_figure(surface_maps: Mapping[str, np.ndarray], title: str = "",
     mesh3d per hemisphere (name "left"/"right"), nilearn's colour bar (a 1-triangle invisible mesh3d), then
     the outline scatter3d traces.
     """
-    import plotly.graph_objects as go
+    return _hemispheres_figure(surface_maps, title, outlines, region, flat=False, value_label=value_label)
 
-    if region not in REGIONS:
-        raise ValueError(f"'region' must be one of {list(REGIONS)}; {region!r} was provided")
-    hemis = [h for h in HEMIS if h in surface_maps]
-    unknown = sorted(set(surface_maps) - set(HEMIS))
-    if unknown or not hemis:
-        raise ValueError(f"'surface_maps' must have keys among {list(HEMIS)} (at least one); keys "
-                         f"{sorted(surface_maps)} were provided")
-    mesh, sulc = fsaverage5_inflated()
-    for hemi in hemis:
-        if np.shape(surface_maps[hemi]) != (FSAVERAGE5_N_VERTICES,):
-            raise ValueError(f"surface_maps[{hemi!r}] must have shape ({FSAVERAGE5_N_VERTICES},); shape "
-                             f"{np.shape(surface_maps[hemi])} was provided")
-    vmax = max(float(np.abs(surface_maps[h]).max()) for h in hemis) or 1.0
-    cut = visual_y_cut() if region == "visual" else None
-    fig = go.Figure()
-    colorbar = None
-    placed = {}  # hemi -> (kept vertex ids, shifted coords of all vertices)
-    for hemi in hemis:
-        values = np.ascontiguousarray(surface_maps[hemi], dtype=np.float32)
-        vertexcolor, bar = _nilearn_colours(hemi, values.tobytes(), vmax)
-        if colorbar is None:
-            colorbar = bar
-        part = mesh.parts[hemi]
-        coords, faces = np.asarray(part.coordinates, np.float64), np.asarray(part.faces)
-        if cut is None:
-            kept, sub_coords, sub_faces = np.arange(len(coords)), coords, faces
-        else:
-            kept, sub_coords, sub_faces = crop_mesh(coords, faces, cut[hemi])
-        dx = (-HEMISPHERE_GAP_MM / 2 - coords[kept, 0].max() if hemi == "left"
-              else HEMISPHERE_GAP_MM / 2 - coords[kept, 0].min())
-        shifted = coords + np.array([dx, 0.0, 0.0])
-        placed[hemi] = (kept, shifted)
-        colours = vertexcolor[kept].tolist()
-        fig.add_trace(go.Mesh3d(x=shifted[kept, 0].astype(np.float32), y=sub_coords[:, 1].astype(np.float32),
-                                z=sub_coords[:, 2].astype(np.float32), i=sub_faces[:, 0].astype(np.int32),
-                                j=sub_faces[:, 1].astype(np.int32), k=sub_faces[:, 2].astype(np.int32),
-                                vertexcolor=colours, name=hemi, hoverinfo="name", showscale=False))
-    if colorbar is not None:
-        fig.add_trace(go.Mesh3d(colorbar))
-    for name, masks in (outlines or {}).items():
-        xyz = []
-        for hemi in hemis:
-            if hemi not in masks:
-                continue
-            kept, shifted = placed[hemi]
-            faces = np.asarray(mesh.parts[hemi].faces)
-            border = outline_vertices(masks[hemi], faces)
-            border_kept = np.zeros_like(border)
-            border_kept[kept] = border[kept]
-            coords = np.asarray(mesh.parts[hemi].coordinates, np.float64)
-            # just outside the surface (1.005 x the unshifted position), so the markers are not hidden by it
-            xyz.append(coords[border_kept] * 1.005 + (shifted[0] - coords[0]))
-        xyz = np.concatenate(xyz) if xyz else np.zeros((0, 3))
-        if not len(xyz):
-            continue
-        fig.add_trace(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", name=name,
-                                   marker=dict(size=1.5, color="black"), hoverinfo="name"))
-    axis = dict(visible=False, showbackground=False)
-    fig.update_layout(title=dict(text=title) if title else None, height=380, margin=dict(l=0, r=0, t=30, b=0),
-                      showlegend=False,
-                      scene=dict(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="data", camera=OCCIPITAL_CAMERA))
-    return fig
+
+def flat_figure(surface_maps: Mapping[str, np.ndarray], title: str = "",
+                outlines: Mapping[str, Mapping[str, np.ndarray]] | None = None, region: str = "visual",
+                value_label: str = "value"):
+    """The same maps as :func:`surface_figure` on nilearn's fsaverage5 FLAT map, seen from above (orthographic).
+
+    Same arguments, colours, hover and trace order. "visual" keeps the vertices posterior to :func:`visual_y_cut`
+    on the inflated surface (the occipital lobe and the ventral temporal surface, unfolded); the medial wall is
+    not in the flat mesh. The left hemisphere lies left with its occipital pole towards the middle, the right one
+    mirrored, as in pycortex's flat maps.
+    """
+    return _hemispheres_figure(surface_maps, title, outlines, region, flat=True, value_label=value_label)
 
 
 def voxel_figure(pattern: np.ndarray, voxel_ijk: np.ndarray, title: str = ""):

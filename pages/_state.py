@@ -1,7 +1,7 @@
 """The app's one adapter to the library: where the bundle and the NSD tree come from, and cached loaders.
 
 Pages never build models or read NSD files themselves: they call :func:`context` for the sidebar's choices
-and :func:`diffuser` / :func:`subject_data` / :func:`vertex_map` for the loaded objects.
+and :func:`diffuser` / :func:`subject_data` / :func:`surface_map` for the loaded objects.
 
 Sources
 -------
@@ -171,25 +171,42 @@ def subject_data(nsd_root: str, subject: int):
     return load_subject(nsd_root, int(subject), progress=False)
 
 
-@st.cache_resource(max_entries=8)
-def vertex_map(nsd_root: str, subject: int) -> dict | None:
-    """The world's voxel -> fsaverage5 map for ``subject`` in the Subject's voxel order, or None (real NSD: the
-    page falls back to a voxel-space view). See :func:`brain_diffuser_core.surface.load_vertex_map`."""
-    from brain_diffuser_core import surface
+@st.cache_resource(show_spinner="Placing the voxels on the surface...", max_entries=8)
+def surface_map(nsd_root: str, subject: int):
+    """(SurfaceMap or None, why not): the subject's voxel -> fsaverage5 map from NSD's transform files (real NSD
+    and the MiniNSD world alike; cached on disk too), or None with the message naming the missing or bad files
+    (the pages then show the voxel-space view). See :mod:`brain_diffuser_core.nsd_surface`."""
+    from brain_diffuser_core import nsd_surface
+    from brain_diffuser_core.nsd import NSDFormatError
+    from brain_diffuser_core.nsd_format import NSDPaths
 
     subj = subject_data(nsd_root, subject)
-    return surface.load_vertex_map(surface.vertex_map_path(nsd_root, subject), subj.voxel_ijk)
+    try:
+        return nsd_surface.load_surface_map(NSDPaths(nsd_root, subject), subj.voxel_ijk, subj.volume_shape), ""
+    except (FileNotFoundError, NSDFormatError) as err:
+        return None, str(err)
+
+
+@st.cache_resource(max_entries=8)
+def hemispheres(nsd_root: str, subject: int) -> tuple[np.ndarray, str]:
+    """(str (n_voxels,) "left"/"right", note): from ``roi/{lh,rh}.nsdgeneral.nii.gz``; when those are missing or
+    bad, from the sign of x in the nominal affine, with a note saying so (approximate on real NSD data)."""
+    from brain_diffuser_core import nsd_surface, surface
+    from brain_diffuser_core.nsd import NSDFormatError
+    from brain_diffuser_core.nsd_format import NSDPaths
+
+    subj = subject_data(nsd_root, subject)
+    try:
+        return nsd_surface.hemispheres_from_nsdgeneral(NSDPaths(nsd_root, subject), subj.voxel_ijk), ""
+    except (FileNotFoundError, NSDFormatError) as err:
+        return surface.hemispheres_from_affine(subj.voxel_ijk, subj.affine), (
+            f"{err}. Left/right comes from the sign of x in the volume's affine instead, which is only nominal for "
+            "NSD's func1pt8mm data: the split is approximate.")
 
 
 def hemisphere_of_voxels(nsd_root: str, subject: int) -> np.ndarray:
-    """str (n_voxels,) "left"/"right": from the vertex map, else from the sign of the voxels' x (RAS mm)."""
-    from brain_diffuser_core import surface
-
-    vm = vertex_map(nsd_root, subject)
-    if vm is not None:
-        return vm["hemisphere"]
-    subj = subject_data(nsd_root, subject)
-    return surface.hemispheres_from_affine(subj.voxel_ijk, subj.affine)
+    """str (n_voxels,) "left"/"right" of the subject's voxels (see :func:`hemispheres`)."""
+    return hemispheres(nsd_root, subject)[0]
 
 
 def stage2_defaults() -> dict:

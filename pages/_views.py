@@ -4,8 +4,9 @@
 * :func:`parse_pattern_npy`: an uploaded voxel vector, validated (size, numeric, length, finite).
 * :func:`pattern_to_json` / :func:`pattern_from_json`: ROI-weight patterns saved and loaded as JSON.
 
-The surface science (hemispheres, the voxel -> fsaverage5 projection, ROI outlines, the plotly surface and voxel
-figures) lives in :mod:`brain_diffuser_core.surface`; its names are re-exported here for the pages.
+The surface science (hemispheres, the voxel -> fsaverage5 map, ROI outlines) lives in
+:mod:`brain_diffuser_core.nsd_surface` and the plotly surface, flat and voxel figures in
+:mod:`brain_diffuser_core.surface`; its names are re-exported here for the pages.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ import numpy as np
 
 from brain_diffuser_core.export import png_bytes  # noqa: F401  (re-exported for the pages)
 from brain_diffuser_core.surface import (  # noqa: F401  (re-exported for the pages and their tests)
-    HEMISPHERES, outline_vertices, pattern_on_surface, restrict_to_hemisphere, roi_on_surface, surface_figure,
-    voxel_figure)
+    HEMISPHERES, flat_figure, outline_vertices, restrict_to_hemisphere, surface_figure, voxel_figure)
 
 #: largest accepted .npy upload (a float64 NSD subject vector is about 126 KB)
 MAX_NPY_BYTES = 8 * 1024 * 1024

@@ -16,7 +16,7 @@ from brain_diffuser_core import export, roi_grid, surface
 from brain_diffuser_core import patterns as pattern_lib
 from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.rois import PAPER_ROIS, PAPER_PRESETS, ROI_CATALOGUE, roi_names
-from pages import _state, _views
+from pages import _state, _surface_view, _views
 
 CUSTOM = "(custom)"
 GROUPS = (("The paper's eight ROIs", PAPER_ROIS), ("Fine ROIs", tuple(roi_names("fine"))),
@@ -111,6 +111,10 @@ with left:
     upload = st.file_uploader("...or upload a pattern: a voxel vector (.npy, one value per voxel) or a volume in "
                               "the subject's func1pt8mm space (.nii, .nii.gz)", type=["npy", "nii", "nii.gz"],
                               key="roi_upload_npy")
+    surface_upload, surface_upload_names = _surface_view.surface_upload(
+        "...and, to compare, a pattern already on the surface: one GIfTI (.gii) or FreeSurfer (.mgz) file per "
+        "hemisphere on fsaverage (163,842 vertices) or fsaverage5 (10,242), lh./rh. in the name (shown, not "
+        "decoded)", key="roi_upload_surface")
 uploaded_vector = None
 if upload is not None:
     if ctx.subject == _state.AVERAGE:
@@ -163,19 +167,15 @@ with right:
                 + (f" (the average uses subjects {', '.join(map(str, subjects))})" if len(subjects) > 1 else ""))
     if n_active == 0:
         st.warning("No voxel of this subject lies in the chosen ROIs and hemisphere: the pattern is all zeros.")
-    vm = _state.vertex_map(ctx.nsd_root, shown)
-    if vm is not None:
-        maps = surface.pattern_on_surface(pat, vm["vertex_index"], vm["hemisphere"])
-        outlines = {} if uploaded_vector is not None else {
-            roi: surface.roi_on_surface(subject_data[shown].roi_mask(roi), vm["vertex_index"], vm["hemisphere"])
-            for roi in weights}
-        st.plotly_chart(surface.surface_figure(maps, title=f"subject {shown}: left | right hemisphere, "
-                                                          "seen from behind and below", outlines=outlines),
-                        key="roi_surface")
-    else:
-        st.caption("No surface map for these data (real NSD voxels): showing the pattern in voxel space.")
-        st.plotly_chart(surface.voxel_figure(pat, subject_data[shown].voxel_ijk, title=f"subject {shown}"),
-                        key="roi_voxels")
+    hemi_note = _state.hemispheres(ctx.nsd_root, shown)[1]
+    if hemi_note and hemisphere != "both":
+        st.warning(hemi_note)
+    view = _surface_view.show_pattern(ctx.nsd_root, shown, pat, key="roi", value_label="weight",
+                                      title=f"subject {shown}: left | right hemisphere",
+                                      rois=() if uploaded_vector is not None else tuple(weights))
+    if surface_upload:
+        _surface_view.show_uploaded_surface(surface_upload, surface_upload_names, view or _surface_view.VIEWS[0],
+                                            key="roi_uploaded")
 
 # 5. Generate ROI-optimal scenes
 st.divider()

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from brain_diffuser_core import neighbours, surface
+from brain_diffuser_core import neighbours
 from brain_diffuser_core.config import PAPER
 from brain_diffuser_core.download import missing_data_hint
-from pages import _state, _views
+from pages import _state, _surface_view, _views
 
 ctx = _state.context()
 bd = _state.diffuser(ctx.bundle_path, ctx.device)
@@ -77,13 +77,8 @@ fmri = subj.test_fmri[idx]
 st.header("1. The fMRI pattern")
 st.write(f"{fmri.size} nsdgeneral voxels, z-scored with the training statistics (mean {fmri.mean():.2f}, "
          f"sd {fmri.std():.2f}); repeats of the image averaged.")
-vm = _state.vertex_map(ctx.nsd_root, subject)
-if vm is not None:
-    st.plotly_chart(surface.surface_figure(surface.pattern_on_surface(fmri, vm["vertex_index"], vm["hemisphere"]),
-                                           title=f"trial {image_id}: left | right hemisphere, seen from behind "
-                                                 "and below"), key="walk_surface")
-else:
-    st.plotly_chart(surface.voxel_figure(fmri, subj.voxel_ijk, title=f"trial {image_id}"), key="walk_voxels")
+_surface_view.show_pattern(ctx.nsd_root, subject, fmri, key="walk", value_label="z",
+                           title=f"trial {image_id}: left | right hemisphere")
 
 st.header("2. Predicted VDVAE latents -> stage 1")
 vd = rec.features["vdvae"]

@@ -112,7 +112,7 @@ def test_roi_designer_preset_surface_and_generate(app):
     assert app.slider(key="roi_w_faces").value == 1.0 and app.slider(key="roi_w_V2").value == 1.0
     assert app.slider(key="roi_w_places").value == 0.0
     assert any("V1-V4+faces" in m.value for m in app.markdown)
-    # the world has a vertex map: one fsaverage5 figure holding both hemispheres
+    # the world has NSD's transform files: one fsaverage5 figure holding both hemispheres
     assert len(app.get("plotly_chart")) == 1
     app.slider(key="roi_n_seeds").set_value(2).run()
     app.button(key="roi_generate").click().run()
@@ -429,16 +429,13 @@ def test_parse_pattern_npy_rules():
         parse_pattern_npy(_npy(np.array([{"a": 1}], dtype=object)), 1)  # needs pickle: refused
 
 
-def test_pattern_json_roundtrip_and_surface_projection():
-    from pages._views import pattern_from_json, pattern_on_surface, pattern_to_json
+def test_pattern_json_roundtrip():
+    from pages._views import pattern_from_json, pattern_to_json
 
     spec = pattern_from_json(pattern_to_json("x", {"V1": 1, "faces": -0.5}, "left"), ["V1", "faces"])
     assert spec == {"name": "x", "weights": {"V1": 1.0, "faces": -0.5}, "hemisphere": "left"}
     with pytest.raises(ValueError, match="finite number"):
         pattern_from_json(json.dumps({"format": "brain-diffuser-explorer/roi-pattern", "weights": {"V1": "a"}}), ["V1"])
-    maps = pattern_on_surface(np.array([1.0, 3.0, 5.0], np.float32), np.array([7, 7, 2]),
-                              np.array(["left", "left", "right"]), n_vertices=10)
-    assert maps["left"][7] == 2.0 and maps["right"][2] == 5.0 and maps["left"].sum() == 2.0
 
 
 # ------------------------------------------------------------------------------------------------ real server

@@ -162,6 +162,35 @@ def test_roi_designer_surface_and_generation(page, server):
     assert page.get_by_text(f"{int(STEPS * 0.75)} denoising steps each").count() == 1
 
 
+def _plot_traces(page) -> list[str]:
+    """Names of the traces of the page's first plotly chart (as plotly.js holds them)."""
+    return page.evaluate("() => document.querySelector('.js-plotly-plot').data.map(t => t.name || '')")
+
+
+def test_roi_designer_surface_and_flat_map_with_roi_outlines(page, server):
+    """A fixture subject (the tiny world's subject 1, read through NSD-format transform files and surface labels)
+    on the inflated surface and on the flat map, with the outlines of V1 and faces: a screenshot of each chart."""
+    open_app(page, server)
+    faces = page.get_by_role("slider", name=re.compile(r"^faces: "))
+    faces.focus()
+    for _ in range(10):  # 0 -> 1.0 in steps of 0.1
+        faces.press("ArrowRight")
+    page.wait_for_selector("text=/V1\\+faces/")
+    wait_idle(page)
+    assert_surfaces(page, 1)
+    assert_clean(page)
+    assert {"left", "right", "V1", "faces"} <= set(_plot_traces(page))
+    page.locator(".js-plotly-plot").first.screenshot(path=str(screenshot_dir() / "surface_subject1_V1_faces.png"))
+    page.get_by_text("flat map", exact=True).click()
+    page.wait_for_function("document.querySelector('.js-plotly-plot')?._fullLayout?.scene?.camera?.projection?.type"
+                           " === 'orthographic'")
+    wait_idle(page)
+    assert_surfaces(page, 1)
+    assert_clean(page)
+    assert {"left", "right", "V1", "faces"} <= set(_plot_traces(page))
+    page.locator(".js-plotly-plot").first.screenshot(path=str(screenshot_dir() / "flatmap_subject1_V1_faces.png"))
+
+
 def test_browse_reconstructs_a_trial(page, server):
     open_app(page, server, "trials")
     assert page.locator(MAIN_H1).first.inner_text() == "Browse test trials"

@@ -1,4 +1,4 @@
-"""brain_diffuser_core.surface: hemispheres, the voxel -> fsaverage5 projection, ROI outlines and figures.
+"""brain_diffuser_core.surface: hemispheres, ROI outlines and the surface, flat and voxel figures.
 Each result is checked against a separate, naive computation (loops over voxels, vertices or edges)."""
 from __future__ import annotations
 
@@ -8,38 +8,14 @@ import pytest
 from brain_diffuser_core import surface
 
 
-def _random_map(rng, n_voxels=300, n_vertices=40):
+def _random_map(rng, n_voxels=300):
     pattern = rng.normal(size=n_voxels).astype(np.float32)
-    vidx = rng.integers(0, n_vertices, n_voxels)
     hemi = rng.choice(["left", "right"], n_voxels)
-    return pattern, vidx, hemi
-
-
-def test_pattern_on_surface_is_the_mean_of_the_voxels_per_vertex(rng):
-    pattern, vidx, hemi = _random_map(rng)
-    got = surface.pattern_on_surface(pattern, vidx, hemi, n_vertices=40)
-    assert set(got) == {"left", "right"}
-    for h in ("left", "right"):
-        assert got[h].shape == (40,) and got[h].dtype == np.float32
-        for v in range(40):
-            vals = [float(p) for p, i, hh in zip(pattern, vidx, hemi) if i == v and hh == h]
-            assert got[h][v] == pytest.approx(sum(vals) / len(vals) if vals else 0.0, abs=1e-5)
-
-
-def test_pattern_on_surface_rejects_mismatched_inputs(rng):
-    pattern, vidx, hemi = _random_map(rng)
-    with pytest.raises(ValueError, match="same length"):
-        surface.pattern_on_surface(pattern[:-1], vidx, hemi, n_vertices=40)
-    with pytest.raises(ValueError, match=r"must lie in 0\.\.9"):
-        surface.pattern_on_surface(pattern, vidx, hemi, n_vertices=10)
-    bad = hemi.astype("U6")
-    bad[5] = "middle"
-    with pytest.raises(ValueError, match="'middle' at index 5"):
-        surface.pattern_on_surface(pattern, vidx, bad, n_vertices=40)
+    return pattern, hemi
 
 
 def test_restrict_to_hemisphere(rng):
-    pattern, _, hemi = _random_map(rng)
+    pattern, hemi = _random_map(rng)
     assert surface.restrict_to_hemisphere(pattern, hemi, "both") is pattern
     for h in ("left", "right"):
         out = surface.restrict_to_hemisphere(pattern, hemi, h)
@@ -47,13 +23,6 @@ def test_restrict_to_hemisphere(rng):
         np.testing.assert_array_equal(out, np.array(expected, np.float32))
     with pytest.raises(ValueError, match="'hemisphere' must be one of"):
         surface.restrict_to_hemisphere(pattern, hemi, "up")
-
-
-def test_hemisphere_masks_partition_the_voxels(rng):
-    _, _, hemi = _random_map(rng)
-    masks = surface.hemisphere_masks(hemi)
-    assert (masks["left"] ^ masks["right"]).all()
-    assert masks["left"].sum() == list(hemi).count("left")
 
 
 def test_hemispheres_from_affine_matches_nibabel(rng):
@@ -98,31 +67,6 @@ def test_outline_vertices_on_a_grid():
     assert not surface.outline_vertices(np.ones(n * n, bool), faces).any()
     with pytest.raises(ValueError, match=r"shape \(n_faces, 3\)"):
         surface.outline_vertices(region, faces[:, :2])
-
-
-def test_roi_on_surface_marks_the_rois_vertices(rng):
-    _, vidx, hemi = _random_map(rng)
-    mask = rng.random(len(vidx)) < 0.2
-    got = surface.roi_on_surface(mask, vidx, hemi, n_vertices=40)
-    for h in ("left", "right"):
-        expected = {int(i) for i, m, hh in zip(vidx, mask, hemi) if m and hh == h}
-        assert set(np.flatnonzero(got[h]).tolist()) == expected
-
-
-def test_load_vertex_map(tmp_path, rng):
-    ijk = rng.integers(0, 50, (30, 3))
-    vidx = rng.integers(0, 10242, 30)
-    hemi = rng.choice(["left", "right"], 30).astype("U5")
-    path = surface.vertex_map_path(tmp_path, 2)
-    assert path == tmp_path / "world" / "vertex_map_subj02.npz"
-    assert surface.load_vertex_map(path) is None  # missing
-    path.parent.mkdir(parents=True)
-    np.savez(path, voxel_ijk=ijk, vertex_index=vidx.astype(np.int32), hemisphere=hemi)
-    vm = surface.load_vertex_map(path, ijk)
-    np.testing.assert_array_equal(vm["vertex_index"], vidx)
-    assert vm["vertex_index"].dtype == np.int64 and list(vm["hemisphere"]) == list(hemi)
-    assert surface.load_vertex_map(path, ijk[::-1]) is None  # other voxels: not this subject's map
-    assert surface.load_vertex_map(path, ijk[:-1]) is None
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:
@@ -270,6 +214,65 @@ def test_voxel_figure_shows_the_nonzero_voxels(rng):
 def test_pages_views_reexports_the_library_functions():
     from pages import _views
 
-    for name in ("HEMISPHERES", "pattern_on_surface", "restrict_to_hemisphere", "surface_figure",
-                 "voxel_figure"):
+    for name in ("HEMISPHERES", "restrict_to_hemisphere", "surface_figure", "flat_figure", "voxel_figure"):
         assert getattr(_views, name) is getattr(surface, name)
+
+
+def test_surface_figure_no_value_vertices_show_the_background_and_say_so_on_hover():
+    mesh, _ = surface.fsaverage5_inflated()
+    n = surface.FSAVERAGE5_N_VERTICES
+    values = np.full(n, np.nan, np.float32)
+    y = np.asarray(mesh.parts["left"].coordinates)[:, 1]
+    posterior = np.flatnonzero(y < surface.visual_y_cut()["left"] - 10)
+    values[posterior[:30]] = 1.5
+    trace = _meshes(surface.surface_figure({"left": values}, value_label="weight"))["left"]
+    ids, _ = _placement(trace, np.asarray(mesh.parts["left"].coordinates))
+    text = dict(zip(ids.tolist(), trace.text))
+    colours = dict(zip(ids.tolist(), trace.vertexcolor))
+    assert text[int(posterior[0])] == f"left {int(posterior[0])}: weight 1.5"
+    assert _rgb(colours[int(posterior[0])])[0] > _rgb(colours[int(posterior[0])])[2] + 60  # red
+    empty = int(posterior[100])
+    assert text[empty] == f"left {empty}: no value (coverage < 0.5)"
+    assert len(set(_rgb(colours[empty]))) == 1  # grey background, not a colour of the scale
+    # all NaN: still a figure (the sulcal background only)
+    assert _meshes(surface.surface_figure({"left": np.full(n, np.nan, np.float32)}))["left"].vertexcolor
+
+
+def test_flat_figure_lays_the_visual_cortex_flat_with_outlines():
+    flat = surface.fsaverage5_flat()
+    inflated, _ = surface.fsaverage5_inflated()
+    n = surface.FSAVERAGE5_N_VERTICES
+    cut = surface.visual_y_cut()
+    maps = {h: np.zeros(n, np.float32) for h in ("left", "right")}
+    y_infl = np.asarray(inflated.parts["left"].coordinates)[:, 1]
+    in_face = np.zeros(n, bool)
+    in_face[np.asarray(flat.parts["left"].faces).ravel()] = True
+    target = int(np.flatnonzero((y_infl < cut["left"] - 10) & in_face)[0])
+    maps["left"][target] = -1.0
+    roi = {"left": np.linalg.norm(np.asarray(inflated.parts["left"].coordinates)
+                                  - inflated.parts["left"].coordinates[target], axis=1) < 12,
+           "right": np.zeros(n, bool)}
+    fig = surface.flat_figure(maps, title="flat", outlines={"V1": roi})
+    meshes = _meshes(fig)
+    assert set(meshes) == {"left", "right"}
+    assert np.all(np.asarray(meshes["left"].z) == 0)  # flat
+    assert max(meshes["left"].x) < 0 < min(meshes["right"].x)
+    coords = np.asarray(flat.parts["left"].coordinates)
+    # the kept vertices: posterior (inflated y < cut) and in a flat face (the medial wall is left out), matched
+    # on the flat (x, y) they keep (x shifted)
+    expected = np.flatnonzero((y_infl < cut["left"]) & in_face)
+    assert len(meshes["left"].x) == len(expected)
+    np.testing.assert_allclose(meshes["left"].y, coords[expected, 1], atol=1e-3)
+    shift = np.asarray(meshes["left"].x) - coords[expected, 0]
+    np.testing.assert_allclose(shift, shift[0], atol=1e-3)
+    where = int(np.flatnonzero(expected == target)[0])
+    assert meshes["left"].text[where] == f"left {target}: value -1"
+    r, g, b = _rgb(meshes["left"].vertexcolor[where])
+    assert b > r + 60  # blue: negative
+    (outline,) = [t for t in fig.data if t.type == "scatter3d"]
+    border = surface.outline_vertices(roi["left"], np.asarray(flat.parts["left"].faces))
+    border &= (y_infl < cut["left"]) & in_face
+    assert outline.name == "V1" and len(outline.x) == border.sum() > 5
+    np.testing.assert_allclose(outline.y, coords[border, 1], atol=1e-3)
+    assert np.all(np.asarray(outline.z) > 0)  # above the map
+    assert fig.layout.scene.camera.projection.type == "orthographic"

@@ -101,19 +101,48 @@ def test_rois_and_ground_truth_line_up_with_the_subject(world, subjects):
     info, _ = world
     sub = subjects[1]
     tuning = np.load(info.root / "world" / "tuning_subj01.npz", allow_pickle=False)
-    vmap = np.load(info.root / "world" / "vertex_map_subj01.npz", allow_pickle=False)
-    assert np.array_equal(tuning["voxel_ijk"], sub.voxel_ijk) and np.array_equal(vmap["voxel_ijk"], sub.voxel_ijk)
+    assert np.array_equal(tuning["voxel_ijk"], sub.voxel_ijk)
     faces = sub.synthetic_pattern({"faces": 1.0})
     assert faces.sum() > 20
     assert np.array_equal(faces == 1, tuning["area"] == "faces")  # the pattern hits the observer's face voxels
     assert set(tuning["preferred"][faces == 1]) == {"face"}
     v1 = sub.roi_mask("V1")
     assert set(tuning["area"][v1]) == {"V1"}
+
+
+def test_surface_files_put_each_voxel_on_its_vertex(world, subjects, tmp_path):
+    """The world's NSD-format transforms (read by the same code as real NSD) place each voxel exactly on the
+    observer's fsaverage5 vertex, hemispheres come from lh/rh.nsdgeneral, and the surface labels equal the voxel
+    ROI masks at those vertices."""
+    import nibabel as nib
+
+    from brain_diffuser_core import nsd_surface
+
+    info, _ = world
+    sub = subjects[1]
     obs = Observer(1)
-    order = vmap["observer_index"]
-    assert np.array_equal(vmap["vertex_index"], obs.vertex_index[order])
-    assert np.array_equal(vmap["hemisphere"], obs.hemisphere[order].astype(str))
-    assert set(vmap["hemisphere"]) == {"left", "right"} and vmap["vertex_index"].max() < 10242
+    order = np.asarray(np.load(info.root / "world" / "tuning_subj01.npz")["observer_index"])
+    paths = info.paths(1)
+    assert nsd_surface.missing_transform_files(paths) == []
+    img = nib.load(paths.layer_coords("lh", "layerB2"))
+    assert img.shape == (10242, 1, 1, 3) and img.get_data_dtype() == np.dtype(">f4")
+    hemi = nsd_surface.hemispheres_from_nsdgeneral(paths, sub.voxel_ijk)
+    assert np.array_equal(hemi, obs.hemisphere[order].astype(str))
+    smap = nsd_surface.load_surface_map(paths, sub.voxel_ijk, sub.volume_shape, cache_dir=tmp_path)
+    pattern = np.random.default_rng(0).normal(size=sub.n_voxels)
+    maps = smap.project(pattern)
+    vidx = obs.vertex_index[order]
+    for h in ("left", "right"):
+        sel = hemi == h
+        np.testing.assert_allclose(maps[h][vidx[sel]], pattern[sel], atol=1e-5)
+        assert np.isnan(maps[h]).sum() == 10242 - sel.sum()  # every other vertex: no value
+    outlines, notes = nsd_surface.roi_outlines(paths, smap, ["V1", "faces"], sub.roi_mask)
+    assert notes == []
+    for roi in ("V1", "faces"):
+        mask = sub.roi_mask(roi)
+        for h in ("left", "right"):
+            sel = hemi == h
+            assert set(np.flatnonzero(outlines[roi][h])) == set(vidx[sel & mask].tolist())
 
 
 def test_train_fmri_predicts_the_scene_category(world, subjects):

@@ -7,13 +7,15 @@
     <out>/world.json                                                  format version, parameters, checksums
     <out>/nsddata/experiments/nsd/nsd_expdesign.mat                   masterordering, subjectim, sharedix
     <out>/nsddata/ppdata/subjXX/func1pt8mm/roi/<name>.nii.gz          nsdgeneral + the six NSD ROI files
+    <out>/nsddata/ppdata/subjXX/func1pt8mm/roi/{lh,rh}.nsdgeneral.nii.gz   hemispheres (-1 = not this one's)
+    <out>/nsddata/ppdata/subjXX/transforms/{lh,rh}.func1pt8-to-layerB{1,2,3}.mgz, {lh,rh}.white-to-fsaverage.mgz
+    <out>/nsddata/freesurfer/subjXX/label/{lh,rh}.<name>.mgz (+ .ctab)  the ROI files' labels on the vertices
     <out>/nsddata_betas/ppdata/subjXX/func1pt8mm/betas_fithrf_GLMdenoise_RR/betas_sessionNN.nii.gz
     <out>/nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5                imgBrick (73000, 64, 64, 3) uint8
     <out>/nsddata_stimuli/stimuli/nsd/annotations/COCO_73k_annots_curated.npy   (n_images, 5) captions
     <out>/world/images.json                  per image: 73k id, split, category, scene seed, graph, captions
     <out>/world/image_labels.npy             int64 (n_images,): category index (scenes.CATEGORIES) by 73k id
     <out>/world/tuning_subjXX.npz            the observer's ground truth, rows in the Subject's voxel order
-    <out>/world/vertex_map_subjXX.npz        voxel ijk <-> fsaverage5 vertex id + hemisphere (same order)
 
 Design (NSD's rules, smaller numbers)
 -------------------------------------
@@ -32,6 +34,12 @@ Design (NSD's rules, smaller numbers)
   (chosen over HDF5: 4x smaller on disk, and a session reads in about 0.05 s either way).
 * Volume ``observer.VOLUME_SHAPE`` (4 mm voxels). nsdgeneral is 1 at the observer's voxels, 0 elsewhere in
   their bounding box grown by one voxel, -1 outside; the ROI files carry NSD's label values at the voxels.
+* Surface: a subject's native mesh is fsaverage5 itself (its voxels are fsaverage5 vertices, see
+  :mod:`.observer`), so the transforms are NSD's files in their real formats with simple contents: each patch
+  vertex's three depth coordinates are its voxel's centre (1-based), other vertices 9999; white-to-fsaverage
+  rows 1..10,242 are the identity and the rows fsaverage adds beyond fsaverage5 point at native vertex 1 (the
+  world has no finer mesh; fsaverage5 readers use only the first 10,242 rows). Read by
+  :mod:`brain_diffuser_core.nsd_surface`, the same code as real NSD subjects.
 * Stimuli stay at the scenes' 64 px (``Subject.image`` accepts any square imgBrick); imgBrick keeps NSD's
   73000 rows, unwritten rows cost no disk. The caption array has one row per world image (NSD's has
   73000 rows; the reader only needs a row for each id it is asked about).
@@ -61,7 +69,10 @@ from ..nsd_format import (
     write_captions_npy,
     write_expdesign,
     write_label_volume,
+    write_layer_coords,
     write_stimuli_hdf5,
+    write_surface_label,
+    write_white_to_fsaverage,
 )
 from ..seeding import seed_for
 from .scenes import CATEGORIES, IMAGE_SIZE, generate_scene, scene_seed
@@ -79,7 +90,7 @@ __all__ = [
 ]
 
 #: bump whenever the files' layout or meaning changes: older caches are then rebuilt, never misread
-WORLD_FORMAT_VERSION = 2
+WORLD_FORMAT_VERSION = 3
 #: build parameters of the default world (the app's): every image shown 3 times as in NSD;
 #: 3 x 3,600 + 3 x 120 = 11,160 trials, 15 sessions (the last filled with extra train repeats)
 DEFAULT_PARAMS: dict = {
@@ -265,10 +276,35 @@ def _write_subject(root: Path, subject: int, obs, feats: np.ndarray, design: dic
     world_dir = root / "world"
     _save_npz(world_dir / f"tuning_subj{subject:02d}.npz", voxel_ijk=ijk[order], channels=np.array(CHANNELS),
               observer_index=order.astype(np.int64), **truth)
-    _save_npz(world_dir / f"vertex_map_subj{subject:02d}.npz", voxel_ijk=ijk[order],
-              hemisphere=obs.hemisphere[order].astype("U5"), vertex_index=obs.vertex_index[order],
-              coords_mm=obs.coords_mm[order], observer_index=order.astype(np.int64))
+    _write_surface_files(paths, obs, box, labels)
     return int(obs.n_voxels)
+
+
+def _write_surface_files(paths: NSDPaths, obs, box: np.ndarray, labels: dict) -> None:
+    """NSD's hemisphere volumes, volume -> surface transforms and surface labels for an observer whose native
+    mesh is fsaverage5 (each voxel is one fsaverage5 vertex; see the module docstring)."""
+    from ..nsd_format import FSAVERAGE_N_VERTICES, INVALID_COORD, LAYERS, NSD_HEMIS
+    from .observer import ROI_TABLES
+
+    n_native = 10242  # fsaverage5 vertices a hemisphere
+    w2f = np.ones(FSAVERAGE_N_VERTICES, np.int64)
+    w2f[:n_native] = np.arange(1, n_native + 1)
+    for hemi, h in NSD_HEMIS.items():
+        sel = obs.hemisphere == hemi
+        ijk, other = obs.voxel_ijk[sel], obs.voxel_ijk[~sel]
+        vol = np.where(box, 0, -1).astype(np.int16)
+        vol[tuple(other.T)] = -1
+        vol[tuple(ijk.T)] = 1
+        write_label_volume(paths.hemi_nsdgeneral(h), vol, obs.affine)
+        coords = np.full((n_native, 3), INVALID_COORD)
+        coords[obs.vertex_index[sel]] = ijk + 1  # 1-based voxel centres
+        for layer in LAYERS:
+            write_layer_coords(paths.layer_coords(h, layer), coords)
+        write_white_to_fsaverage(paths.white_to_fsaverage(h), w2f)
+        for name, table in ROI_TABLES.items():
+            lab = np.zeros(n_native, np.int64)
+            lab[obs.vertex_index[sel]] = labels[name][sel]
+            write_surface_label(paths.surface_label(h, name), lab, table)
 
 
 def _save_npz(path: Path, **arrays) -> None:
