@@ -32,7 +32,7 @@ from a callable or a memmap, do not give leave-one-out prediction statistics (ne
 test-set statistics), nor low-rank or float16 storage. The algebra here is the same as its "eigenvalues"
 solver; the backends follow its numpy / torch / torch_cuda switch.
 
-Prediction rescaling (``RidgeDecoder.predict(X, rescale=...)``):
+Prediction rescaling (``RidgeDecoder.predict(X, rescale=...)``; plain ridge, ``"none"``, unless asked):
 
 - ``"train"``: z-score with the per-target mean/std of the leave-one-out predictions on the TRAIN data,
   then map to the train target mean/std. Uses no test statistics; works for a single trial.
@@ -364,11 +364,12 @@ class RidgeDecoder:
         return (t["factor_a"].float() * t["factor_a_scale"]) @ (t["factor_b"].float() * t["factor_b_scale"])
 
     # -- prediction
-    def predict(self, X, rescale: str = "train", *, n_targets_batch: int = 4096, device: str = "cpu") -> np.ndarray:
+    def predict(self, X, rescale: str = "none", *, n_targets_batch: int = 4096, device: str = "cpu") -> np.ndarray:
         """Predict targets for X (m, p). Returns float32 numpy (m, n_targets).
 
-        ``rescale``: one of ``"train"`` (leave-one-out train statistics; no test peeking), ``"paper"`` (z-score
-        across this batch of predictions, as in the original scripts) or ``"none"``.
+        ``rescale``: ``"none"`` (default: the plain ridge prediction ``(X - x_mean) W + y_mean``), ``"train"``
+        (leave-one-out train statistics; no test peeking) or ``"paper"`` (z-score across this batch of
+        predictions, as in the original scripts). Callers that rescale say so (the pipeline does).
         """
         if rescale not in RESCALE_MODES:
             raise ValueError(f"'rescale' must be one of {list(RESCALE_MODES)}; {rescale!r} was provided")

@@ -120,7 +120,7 @@ def test_rescale_modes(rng):
         dec.predict(Xt, rescale="zscore")
     no_loo = fit_ridge(X, Y, 20.0, backend="torch", loo_stats=False)
     with pytest.raises(ValueError, match="loo_stats=False"):
-        no_loo.predict(Xt)
+        no_loo.predict(Xt, rescale="train")
 
 
 def test_loo_stats_on_a_row_subset_is_close(rng):
@@ -226,3 +226,12 @@ def test_input_errors(rng):
     dec = fit_ridge(X, Y, 1.0, backend="torch")
     with pytest.raises(ValueError, match=r"'X' must have shape \(n_samples, 60\)"):
         dec.predict(X[:, :10])
+
+
+def test_predict_is_plain_ridge_unless_asked(rng):
+    X, Y = _data(rng, n=30, p=45, t=5)
+    Xt = rng.standard_normal((8, 45)).astype(np.float32) + 3.0
+    W, b = _closed_form(X, Y, 20.0)
+    dec = fit_ridge(X, Y, 20.0, backend="torch", dtype="float32")
+    np.testing.assert_allclose(dec.predict(Xt), Xt @ W + b, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(dec.predict(Xt), dec.predict(Xt, rescale="train"), atol=1e-2)
