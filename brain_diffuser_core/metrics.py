@@ -169,18 +169,26 @@ def pixcorr(recon: np.ndarray, truth: np.ndarray, size: int | None = PAPER.nsd.s
     -------
     numpy.ndarray, float32, shape (n,): r in [-1, 1]; 0 where either image is uniform (zero variance).
     """
+    def one(a: np.ndarray, b: np.ndarray) -> float:
+        a = a.reshape(-1).astype(np.float64)
+        b = b.reshape(-1).astype(np.float64)
+        a -= a.mean()
+        b -= b.mean()
+        den = math.sqrt(float(a @ a) * float(b @ b))
+        return float(a @ b) / den if den > 0 else 0.0
+
+    return _per_pair(recon, truth, size, one)
+
+
+def _per_pair(recon, truth, size: int | None, one: Callable[[np.ndarray, np.ndarray], float]) -> np.ndarray:
+    """``one(a, b)`` of each pair of uint8 (H, W, 3) images, both resized to ``size`` first: float32 (n,)."""
     recon, truth = _check_image_pair(recon, truth)
     _check_size(size)
     out = np.zeros(len(recon), dtype=np.float32)
     for i in range(len(recon)):
         a, b = _resized(recon[i], size), _resized(truth[i], size)
         _same_shape(i, a, b)
-        a = a.reshape(-1).astype(np.float64)
-        b = b.reshape(-1).astype(np.float64)
-        a -= a.mean()
-        b -= b.mean()
-        den = math.sqrt(float(a @ a) * float(b @ b))
-        out[i] = float(a @ b) / den if den > 0 else 0.0
+        out[i] = one(a, b)
     return out
 
 
@@ -232,14 +240,7 @@ def _ssim_grey_columns(x: np.ndarray, y: np.ndarray, sigma: float, data_range: f
 
 
 def _ssim_pairs(recon, truth, size, one, **kw) -> np.ndarray:
-    recon, truth = _check_image_pair(recon, truth)
-    _check_size(size)
-    out = np.zeros(len(recon), dtype=np.float32)
-    for i in range(len(recon)):
-        a, b = _resized(recon[i], size), _resized(truth[i], size)
-        _same_shape(i, a, b)
-        out[i] = one(_grey(a), _grey(b), **kw)
-    return out
+    return _per_pair(recon, truth, size, lambda a, b: one(_grey(a), _grey(b), **kw))
 
 
 def ssim(recon: np.ndarray, truth: np.ndarray, size: int | None = PAPER.nsd.stimulus_size, *,

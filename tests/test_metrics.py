@@ -69,17 +69,20 @@ def _ssim_reference(recon, truth, sigma=1.5, radius=5):
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     w = np.outer(k, k)
     w /= w.sum()
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
     vals = []
     for i in range(radius, x.shape[0] - radius):
         for j in range(radius, x.shape[1] - radius):
-            a = x[i - radius:i + radius + 1, j - radius:j + radius + 1]
-            b = y[i - radius:i + radius + 1, j - radius:j + radius + 1]
-            ma, mb = (w * a).sum(), (w * b).sum()
-            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
-            cov = (w * (a - ma) * (b - mb)).sum()
-            vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+            vals.append(_window_ssim(w, x[i - radius:i + radius + 1, j - radius:j + radius + 1],
+                                     y[i - radius:i + radius + 1, j - radius:j + radius + 1]))
     return float(np.mean(vals))
+
+
+def _window_ssim(w, a, b, c1=0.01 ** 2, c2=0.03 ** 2):
+    """SSIM of one window (weights ``w``, values ``a`` and ``b`` of the same shape), population moments."""
+    ma, mb = (w * a).sum(), (w * b).sum()
+    va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+    cov = (w * (a - ma) * (b - mb)).sum()
+    return (2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
 
 
 def test_ssim_matches_explicit_window_reference(rng):
@@ -119,15 +122,8 @@ def _ssim_1d_reference(a, b, sigma=1.5, radius=5):
     over the positions whose whole window lies inside the signal."""
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     w = k / k.sum()
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    vals = []
-    for i in range(radius, len(a) - radius):
-        wa, wb = a[i - radius:i + radius + 1], b[i - radius:i + radius + 1]
-        ma, mb = (w * wa).sum(), (w * wb).sum()
-        va, vb = (w * (wa - ma) ** 2).sum(), (w * (wb - mb) ** 2).sum()
-        cov = (w * (wa - ma) * (wb - mb)).sum()
-        vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
-    return float(np.mean(vals))
+    return float(np.mean([_window_ssim(w, a[i - radius:i + radius + 1], b[i - radius:i + radius + 1])
+                          for i in range(radius, len(a) - radius)]))
 
 
 def test_ssim_columns_is_the_mean_of_1d_ssims_down_the_columns(rng):
