@@ -133,6 +133,44 @@ def time_diffusers(pipe, models, steps: int, repeats: int) -> float:
     return best
 
 
+def build_on(size: str, device: torch.device, dtype: torch.dtype, workdir: Path):
+    """:func:`pipeline_latency.build_models`, with the real-size modules created on the GPU itself (random
+    initialisation of ~2 B parameters on the CPU takes minutes) and the scheduler made on the CPU as usual."""
+    from brain_diffuser_core.diffusion import paper_scheduler
+
+    if device.type != "cuda":
+        return build_models(size, device, dtype, workdir)
+    with torch.device(device):
+        models = build_models(size, device, dtype, workdir)
+    models.img2img.components.scheduler = paper_scheduler()
+    return models
+
+
+def convert(models, dtype: torch.dtype):
+    """The same modules in another dtype (stage 2; VDVAE stays float32), as new GenerativeModels."""
+    from brain_diffuser_core.diffusion import DualGuidedImg2Img, VDComponents
+    from brain_diffuser_core.pipeline import GenerativeModels
+
+    c = models.img2img.components
+    comps = VDComponents(image_unet=c.image_unet.to(dtype=dtype), text_unet=c.text_unet.to(dtype=dtype),
+                         vae=c.vae.to(dtype=dtype), scheduler=c.scheduler, device=c.device, dtype=dtype)
+    return GenerativeModels(models.vdvae, DualGuidedImg2Img(comps), models.uncond_text, models.uncond_vision)
+
+
+def diffusers_part(res: dict, models, denoise: int, batches, repeats: int, workdir: Path, log) -> None:
+    device = models.device
+    pipe = diffusers_pipeline(models, workdir)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_diff = time_diffusers(pipe, models, denoise, repeats)
+    dt = str(models.dtype).replace("torch.", "")
+    ours = next(r for r in res["rows"] if r["batch"] == batches[0] and r["dtype"] == dt)
+    res["diffusers"] = {"dtype": dt, "s": t_diff, "peak_gib": _peak_gib(device), "ours_stage2_s": ours["stage2"],
+                        "ratio": t_diff / ours["stage2"]}
+    log(f"  diffusers' dual-guided pipeline, {dt}, {denoise} steps, batch 1: {t_diff:.3f} s/img (ours, stage 2: "
+        f"{ours['stage2']:.3f}) -> ours {t_diff / ours['stage2']:.2f}x faster; peak {res['diffusers']['peak_gib']:.2f} GiB")
+
+
 def gemm_tflops(device: torch.device, size: int) -> float:
     """float32 GEMM rate (TFLOP/s) of this device, best of 3 (TF32 off: the ridge runs in float32)."""
     a = torch.randn(size, size, device=device)
@@ -217,12 +255,13 @@ def main(argv=None) -> int:
         f"guidance {PAPER.stage2.guidance_scale}")
     dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32]
     with tempfile.TemporaryDirectory() as tmp:
-        fp16_models = None
-        for dtype in dtypes:
+        models = None
+        for k, dtype in enumerate(dtypes):
             if not left():
                 res["skipped"].append(f"pipeline {dtype}")
                 continue
-            models = build_models(size, device, dtype, Path(tmp) / str(dtype))
+            # built once (in the first dtype, on the device), then converted: a second build costs minutes
+            models = build_on(size, device, dtype, Path(tmp)) if models is None else convert(models, dtype)
             for batch in batches:
                 if not left():
                     res["skipped"].append(f"pipeline {dtype} batch {batch}")
@@ -234,26 +273,12 @@ def main(argv=None) -> int:
                 res["rows"].append(row)
                 log(f"  ours {row['dtype']:8s} batch {batch}: stage 1 {t['stage1']:.3f}  stage 2 {t['stage2']:.3f}  "
                     f"both {t['both']:.3f} s/img  peak {row['peak_gib']:.2f} GiB")
-            if dtype in (torch.float16, torch.float32) and fp16_models is None:
-                fp16_models = models
-            else:
-                del models
-            if cuda:
-                torch.cuda.empty_cache()
-        if fp16_models is not None and left():
-            pipe = diffusers_pipeline(fp16_models, Path(tmp))
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t_diff = time_diffusers(pipe, fp16_models, denoise, args.repeats)
-            ours_b1 = next(r for r in res["rows"] if r["batch"] == batches[0] and r["dtype"] in ("float16", "float32"))
-            res["diffusers"] = {"s": t_diff, "peak_gib": _peak_gib(device), "ours_stage2_s": ours_b1["stage2"],
-                                "ratio": t_diff / ours_b1["stage2"]}
-            log(f"  diffusers' dual-guided pipeline, {denoise} steps, batch 1: {t_diff:.3f} s/img "
-                f"(ours, stage 2: {ours_b1['stage2']:.3f}) -> ours {t_diff / ours_b1['stage2']:.2f}x faster; "
-                f"peak {res['diffusers']['peak_gib']:.2f} GiB")
-            del pipe, fp16_models
-        else:
-            res["skipped"].append("diffusers pipeline")
+            if k == 0:  # diffusers' pipeline on the first dtype's models (float16 on a GPU)
+                if left():
+                    diffusers_part(res, models, denoise, batches, args.repeats, Path(tmp), log)
+                else:
+                    res["skipped"].append("diffusers pipeline")
+        del models
     if cuda:
         torch.cuda.empty_cache()
     if left():
@@ -277,7 +302,7 @@ def main(argv=None) -> int:
             f"{r['peak_gib']:9.2f}")
     if "diffusers" in res:
         d = res["diffusers"]
-        log(f"{'diffusers':10s} {'fp16' if cuda else 'float32':9s} {1:5d} {'-':>13s} {d['s']:13.3f} {'-':>11s} "
+        log(f"{'diffusers':10s} {d['dtype']:9s} {1:5d} {'-':>13s} {d['s']:13.3f} {'-':>11s} "
             f"{d['peak_gib']:9.2f}   ours stage 2 is {d['ratio']:.2f}x faster")
     for b in batches:
         rows = [r for r in res["rows"] if r["batch"] == b]
