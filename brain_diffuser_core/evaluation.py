@@ -118,6 +118,7 @@ def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] |
                     network_kwargs: Mapping[str, Mapping] | None = None, pixel_size: int | None = None,
                     base_seed: int = 0, rescale: str | None = None, batch_size: int = 4,
                     progress: ProgressFn | None = None, paper: bool = False,
+                    category_judge: CategoryScore | None = None,
                     **overrides) -> dict[str, dict[str, float]]:
     """Reconstruct (resumably) and score ``variants``; writes ``metrics.json``, ``metrics.csv``,
     ``per_image.csv`` and ``table.md`` under ``out``. Returns {variant: {metric: value}}.
@@ -125,6 +126,9 @@ def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] |
     pixel_size : side for PixCorr/SSIM; default the stimuli's own size (425 for NSD, as the paper).
     paper : reproduce the original scripts (module docstring); default: the project's improvements. Both SSIMs
         are reported either way ("SSIM" is the mode's own).
+    category_judge : ``(reconstructions uint8 (n, S, S, 3), 73k ids) -> float (n,)`` 1 where a reconstruction
+        shows its original's category (e.g. :func:`world_category_score` on the MiniNSD demo); reported as
+        the extra metric ``"Category"`` (a fraction).
     """
     from .metrics import evaluate_images, format_table
 
@@ -146,6 +150,10 @@ def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] |
         summary[variant], per_image[variant] = evaluate_images(
             recons, truths, networks, network_kwargs=network_kwargs, size=size, ssim_mode=m.ssim,
             network_resample=m.network_resample)
+        if category_judge is not None:
+            right = np.asarray(category_judge(recons, ids), np.float64)
+            summary[variant][CATEGORY_METRIC] = float(right.mean())
+            per_image[variant][CATEGORY_METRIC] = right
     label = f"ours ({{}}{', paper mode' if paper else ''}) subj {subject.subject}"
     table = format_table({label.format(v): s for v, s in summary.items()})
     atomic_write_json(out / "metrics.json", {"subject": subject.subject, "n_images": len(ids), "rescale": rescale,
@@ -165,6 +173,29 @@ def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] |
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table + "\n")
     return summary
+
+
+#: the extra metric of :func:`evaluate_bundle` with a ``category_judge``
+CATEGORY_METRIC = "Category"
+CategoryScore = Callable[[np.ndarray, Sequence[int]], np.ndarray]
+
+
+def world_category_score(world_root: str | Path, cache_dir: str | Path | None = None,
+                         n_per_category: int = 200) -> CategoryScore:
+    """A ``category_judge`` for a MiniNSD world: the independent judge (:class:`~brain_diffuser_core.world.
+    judge.CategoryJudge`) against the world's category of each original (``world/image_labels.npy``)."""
+    from .config import cache_root
+    from .world.judge import CategoryJudge
+
+    labels = np.load(Path(world_root) / "world" / "image_labels.npy", allow_pickle=False)
+    judge = CategoryJudge.cached(cache_dir if cache_dir is not None else cache_root(), n_per_category=n_per_category,
+                                 n_heldout_per_category=max(1, int(n_per_category) // 4))
+
+    def score(recons: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+        return (judge.classify_index(recons) == labels[np.asarray(ids, np.int64)]).astype(np.float64)
+
+    score.describe = judge.describe  # type: ignore[attr-defined]
+    return score
 
 
 def mean_over_subjects(summaries: Mapping[int, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:

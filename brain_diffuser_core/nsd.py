@@ -320,9 +320,18 @@ class Subject:
                     )
                 if dset.dtype != np.uint8:
                     raise NSDFormatError(f"{path}: 'imgBrick' must hold uint8 pixels; found {dset.dtype}")
-                return np.asarray(dset[i], dtype=np.uint8)
+                # a subset copy (`download nsd --stimuli subset`) marks the images it holds; the others read as zeros
+                absent = "present" in f and not bool(f["present"][i])
+                image = None if absent else np.asarray(dset[i], dtype=np.uint8)
         except (OSError, KeyError) as err:
             raise NSDFormatError(f"{path}: could not read image {i} from dataset 'imgBrick' ({err})") from err
+        if absent:
+            raise FileNotFoundError(
+                f"{path}: image {i} is not in this subset copy of the stimuli (its 'present' flag is False: no "
+                f"downloaded session of any subject showed it). Fetch it with `python -m brain_diffuser_core "
+                f"download nsd --subject {self.subject} --out {self.nsd_root} --sessions ...` naming the sessions "
+                "that show it, or --stimuli full")
+        return image
 
     def captions(self, image_id: int) -> list[str]:
         """Non-empty COCO captions of ``image_id``, from a curated .npy or from the stim-info CSV + COCO json.

@@ -274,7 +274,7 @@ class GenerativeModels:
             # 1. Stage 1: VDVAE with the predicted first layers, the others from the prior
             t1 = time.perf_counter()
             low = self.vdvae.decode(torch.as_tensor(np.asarray(features["vdvae"]).reshape(n, -1)),
-                                    temperature=stage1.temperature, seed=list(seeds))
+                                    temperature=stage1.temperature, seed=list(seeds), output=stage1.output)
             upscaled = upscale_bicubic(low, self.image_size)
             t_stage1 = time.perf_counter() - t1
             if callback is not None:
@@ -367,15 +367,27 @@ class BrainDiffuser:
             out[name] = pred.reshape((len(x),) + self.bundle.feature_shape(name))
         return out
 
-    def pattern_features(self, patterns: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
+    def pattern_features(self, patterns: Mapping[int, np.ndarray], *, scale: str = "train") -> dict[str, np.ndarray]:
         """The paper's ROI-optimal features from synthetic patterns, one per subject (averaged over subjects).
 
         patterns : subject -> float32 (n_voxels,) or (n, n_voxels) raw pattern (1 inside the ROI, 0 elsewhere;
             not z-scored). With several subjects the predicted features are averaged (the paper's subject
             average); every subject must give the same number of patterns.
-        Returns {feature: float32 (n, *feature_shape)}, each item re-normalised to the mean Euclidean norm of
-        the training features of its subject (averaged over subjects).
+        scale : how the pattern-driven part ``d = W p`` (the prediction minus the prediction for an all-zero
+            pattern, i.e. the intercept) is scaled before the intercept is added back, as the authors'
+            ``roi_generate_features.py`` does (only ``d`` is normalised, never the intercept):
+
+            * ``"train"`` (default): ``||d||`` set to the RMS norm of the training features' deviation from
+              their mean, ``sqrt(sum_j y_std_j^2)`` of the decoder (per feature space, per subject), i.e.
+              a pattern moves the features as far from the mean as a typical training image does;
+            * ``"paper"``: the original's hand-set norms (:data:`PAPER_PATTERN_NORMS`: 50 for VDVAE, then
+              z-scored across the patterns, mapped to the train mean/std and set to norm 80; 9 for CLIP-text,
+              15 for CLIP-vision), which suit ViT-L/14 and the ImageNet VDVAE only.
+
+        Returns {feature: float32 (n, *feature_shape)}.
         """
+        if scale not in PATTERN_SCALES:
+            raise ValueError(f"'scale' must be one of {list(PATTERN_SCALES)}; {scale!r} was provided")
         if not patterns:
             raise ValueError("'patterns' must map at least one subject to a pattern; {} was provided")
         per_subject = []
@@ -383,13 +395,8 @@ class BrainDiffuser:
             x = self._check_fmri(pattern, subject, "pattern")
             feats = {}
             for name in FEATURE_NAMES:
-                pred = self.bundle.decoder(subject, name).predict(x, rescale="none")
-                norm = self.bundle.train_feature_norm(subject, name)
-                if norm is None:
-                    raise BundleError(f"bundle {self.bundle.path} stores no training-feature norm for subject "
-                                      f"{subject}, {name!r}; refit it with `python -m brain_diffuser_core fit`")
-                length = np.linalg.norm(pred, axis=1, keepdims=True)
-                pred = pred * (norm / np.maximum(length, 1e-12))
+                decoder = self.bundle.decoder(subject, name)
+                pred = pattern_driven_features(decoder, x, scale=scale, feature=name)
                 feats[name] = pred.reshape((len(x),) + self.bundle.feature_shape(name))
             per_subject.append(feats)
         counts = {len(f[FEATURE_NAMES[0]]) for f in per_subject}
@@ -484,7 +491,7 @@ class BrainDiffuser:
             preview_every=preview_every, on_wait=on_wait)
         timings = {"features": feature_seconds, "stage1": t_stage1, "stage2": t_stage2,
                    "total": feature_seconds + t_stage1 + t_stage2}
-        settings = {"temperature": s1.temperature, "strength": s2.strength, "guidance_scale": s2.guidance_scale,
+        settings = {"temperature": s1.temperature, "stage1_output": s1.output, "strength": s2.strength, "guidance_scale": s2.guidance_scale,
                     "vision_mix": s2.vision_mix, "num_inference_steps": s2.num_inference_steps,
                     "denoising_steps": s2.denoising_steps, "start_noise_offset": s2.start_noise_offset,
                     "unconditional_grey": s2.unconditional_grey, "truncate_output": s2.truncate_output,
@@ -496,6 +503,44 @@ class BrainDiffuser:
                            timings=dict(timings), settings=dict(settings))
             for i in range(n)
         ]
+
+
+#: ``scale`` options of :meth:`BrainDiffuser.pattern_features`
+PATTERN_SCALES: tuple[str, ...] = ("train", "paper")
+#: the authors' hand-set norms of the pattern-driven part (``roi_generate_features.py``)
+PAPER_PATTERN_NORMS: dict[str, float] = {"vdvae": 50.0, "clip_text": 9.0, "clip_vision": 15.0}
+#: the authors' final norm of the VDVAE ROI features, after their z-scoring across patterns
+PAPER_VDVAE_FINAL_NORM = 80.0
+
+
+def pattern_driven_features(decoder, patterns: np.ndarray, *, scale: str = "train",
+                            feature: str = "vdvae") -> np.ndarray:
+    """ROI-optimal features of one subject and feature space: intercept + scaled pattern-driven part.
+
+    decoder : a :class:`~brain_diffuser_core.ridge.RidgeDecoder`; patterns : float32 (n, n_voxels).
+    ``d = predict(p) - predict(0)`` (= ``p @ W``) is set to a norm (see
+    :meth:`BrainDiffuser.pattern_features`) and added to ``predict(0)`` (the intercept).
+    Returns float32 (n, n_targets).
+    """
+    x = np.asarray(patterns, dtype=np.float32)
+    both = decoder.predict(np.concatenate([x, np.zeros((1, x.shape[1]), np.float32)]), rescale="none")
+    pred, intercept = both[:-1], both[-1]
+    drive = pred - intercept
+    length = np.linalg.norm(drive, axis=1, keepdims=True)
+    unit = drive / np.maximum(length, 1e-8)
+    y_std = decoder.tensors["y_std"].numpy().astype(np.float64)
+    if scale == "train":
+        return (intercept + unit * float(np.sqrt((y_std ** 2).sum()))).astype(np.float32)
+    out = intercept + unit * PAPER_PATTERN_NORMS[feature]
+    if feature == "vdvae":  # the original then z-scores across the patterns and maps to the train statistics
+        if len(out) < 2:
+            raise ValueError("scale='paper' z-scores VDVAE features across the patterns and needs >= 2 of them; "
+                             "1 was provided")
+        y_mean = decoder.tensors["y_mean"].numpy()
+        sd = out.std(0)
+        out = (out - out.mean(0)) / np.where(sd > 0, sd, 1.0) * y_std + y_mean
+        out = out / np.linalg.norm(out, axis=1, keepdims=True) * PAPER_VDVAE_FINAL_NORM
+    return out.astype(np.float32)
 
 
 def upscale_bicubic(images: np.ndarray, size: int) -> np.ndarray:

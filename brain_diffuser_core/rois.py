@@ -115,10 +115,13 @@ def _paper_presets() -> dict[str, dict[str, float]]:
     presets["V1-V4"] = dict(early)
     for cat in ("faces", "words", "places", "bodies"):
         presets[f"V1-V4+{cat}"] = {**early, cat: 1.0}
+    for band in ("ecc0pt5", "ecc1", "ecc2", "ecc4", "ecc4+"):  # the paper's eccentricity figure
+        presets[band] = {band: 1.0}
     return presets
 
 
-#: synthetic-fMRI presets for the paper's figures: each ROI alone, V1-V4, and V1-V4 plus one category ROI
+#: synthetic-fMRI presets for the paper's figures: each ROI alone, V1-V4, V1-V4 plus one category ROI, and
+#: each eccentricity band alone
 PAPER_PRESETS: Mapping[str, Mapping[str, float]] = MappingProxyType(
     {k: MappingProxyType(v) for k, v in _paper_presets().items()}
 )

@@ -23,10 +23,12 @@ import torch
 
 from .io import atomic_dir, atomic_write_json
 
-__all__ = ["vd_configs", "make_tiny_clip", "make_tiny_vd", "TINY_IMAGE_SIZE", "VD_SUBFOLDERS"]
+__all__ = ["vd_configs", "make_tiny_clip", "make_tiny_vd", "TINY_IMAGE_SIZE", "DEMO_IMAGE_SIZE", "VD_SUBFOLDERS"]
 
 #: side (pixels) of the images the tiny VD decodes: latent 8x8 with the tiny three-level VAE (factor 4)
 TINY_IMAGE_SIZE = 32
+#: side (pixels) of the images the demo VD decodes: the MiniNSD world's 64 px, latent 4 x 16 x 16 (factor 4)
+DEMO_IMAGE_SIZE = 64
 
 #: the subfolders of a Versatile Diffusion checkpoint in diffusers' layout, and their classes
 VD_SUBFOLDERS: dict[str, tuple[str, str]] = {
@@ -42,7 +44,7 @@ VD_SUBFOLDERS: dict[str, tuple[str, str]] = {
 
 _OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
-_SIZES = ("real", "tiny")
+_SIZES = ("real", "tiny", "demo")
 
 
 def _unet_blocks(with_attn: list[bool], flat: bool) -> dict[str, Any]:
@@ -58,10 +60,15 @@ def vd_configs(size: str = "real") -> dict[str, dict[str, Any]]:
 
     Parameters
     ----------
-    size : {"real", "tiny"}
+    size : {"real", "tiny", "demo"}
         ``"real"``: the architecture of ``shi-labs/versatile-diffusion`` (as converted by diffusers'
         ``convert_versatile_diffusion_to_diffusers.py``) with CLIP ViT-L/14. ``"tiny"``: the same
         constraints at toy width (cross-attention dim 32, images of :data:`TINY_IMAGE_SIZE` pixels).
+        ``"demo"``: the MiniNSD demo's generator, the tiny CLIP with a VD that draws the world's
+        :data:`DEMO_IMAGE_SIZE` pixels: VAE 32/32/64 channels (latent 4 x 16 x 16, no mid-block attention,
+        so it is fully convolutional and trains on crops), UNet 32/64/64 with cross-attention only at the
+        8 x 8 level (attention at 16 x 16 cost 3x the step time on CPU; MININSD-PROBE: more steps of a small
+        model beat fewer of a big one).
 
     Returns
     -------
@@ -72,7 +79,7 @@ def vd_configs(size: str = "real") -> dict[str, dict[str, Any]]:
     """
     if size not in _SIZES:
         raise ValueError(f"'size' must be one of {list(_SIZES)}; {size!r} was provided")
-    with_attn = [True, True, True, False] if size == "real" else [True, False]
+    with_attn = {"real": [True, True, True, False], "tiny": [True, False], "demo": [False, True, False]}[size]
     if size == "real":
         channels, layers, heads, cross, latent_hw = [320, 640, 1280, 1280], 2, 8, 768, 64
         vae_channels, vae_layers, vae_sample, vae_groups = [128, 256, 512, 512], 2, 256, 32
@@ -84,8 +91,12 @@ def vd_configs(size: str = "real") -> dict[str, dict[str, Any]]:
         clip_px = 224
         text_in = 768
     else:
-        channels, layers, heads, cross, latent_hw = [32, 64], 1, 8, 32, TINY_IMAGE_SIZE // 4
-        vae_channels, vae_layers, vae_sample, vae_groups = [8, 16, 16], 1, TINY_IMAGE_SIZE, 8
+        if size == "tiny":
+            channels, layers, heads, cross, latent_hw = [32, 64], 1, 8, 32, TINY_IMAGE_SIZE // 4
+            vae_channels, vae_layers, vae_sample, vae_groups = [8, 16, 16], 1, TINY_IMAGE_SIZE, 8
+        else:
+            channels, layers, heads, cross, latent_hw = [32, 64, 64], 1, 8, 32, DEMO_IMAGE_SIZE // 4
+            vae_channels, vae_layers, vae_sample, vae_groups = [32, 32, 64], 1, DEMO_IMAGE_SIZE, 8
         vocab = _tiny_vocab()
         text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                     num_attention_heads=4, max_position_embeddings=77, projection_dim=cross,
@@ -106,6 +117,9 @@ def vd_configs(size: str = "real") -> dict[str, dict[str, Any]]:
                block_out_channels=vae_channels, layers_per_block=vae_layers, norm_num_groups=vae_groups,
                down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
                up_block_types=["UpDecoderBlock2D"] * len(vae_channels), scaling_factor=0.18215)
+    if size == "demo":
+        image_unet["norm_num_groups"] = text_unet["norm_num_groups"] = 8  # 32 groups do not divide 32 channels
+        vae["mid_block_add_attention"] = False
     scheduler = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     processor = dict(do_resize=True, size={"shortest_edge": clip_px}, resample=3, do_center_crop=True,
@@ -176,19 +190,21 @@ def make_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def make_tiny_vd(folder: str | Path, seed: int = 0) -> Path:
+def make_tiny_vd(folder: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a tiny random Versatile Diffusion checkpoint in diffusers' layout.
 
     Subfolders ``image_unet``, ``text_unet``, ``vae``, ``scheduler``, ``tokenizer``, ``text_encoder``,
     ``image_encoder``, ``image_feature_extractor`` and a ``model_index.json``, each written with
-    ``save_pretrained`` (weights as safetensors). Images are :data:`TINY_IMAGE_SIZE` pixels square.
-    Returns the folder.
+    ``save_pretrained`` (weights as safetensors). ``size``: ``"tiny"`` (images of :data:`TINY_IMAGE_SIZE`
+    pixels) or ``"demo"`` (:data:`DEMO_IMAGE_SIZE`; see :func:`vd_configs`). Returns the folder.
     """
+    if size not in ("tiny", "demo"):
+        raise ValueError(f"'size' must be one of ['tiny', 'demo']; {size!r} was provided")
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
 
-    cfgs = vd_configs("tiny")
+    cfgs = vd_configs(size)
     text, vision = _clip_models(cfgs, seed)
     torch.manual_seed(seed + 1)
     image_unet = UNet2DConditionModel(**cfgs["image_unet"]).eval()

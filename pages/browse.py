@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.export import reconstructions_zip, zip_item
 from pages import _state, _views
 
@@ -15,7 +16,11 @@ GALLERY_COLUMNS = 3  # trials per gallery row (each shows original | final)
 ctx = _state.context()
 bd = _state.diffuser(ctx.bundle_path, ctx.device)
 subject = int(ctx.subject)
-subj = _state.subject_data(ctx.nsd_root, subject)
+try:
+    subj = _state.subject_data(ctx.nsd_root, subject)
+except FileNotFoundError as err:  # a folder bundle's NSD root without the subject's files
+    st.error(missing_data_hint(ctx.nsd_root, subject, err))
+    st.stop()
 test_ids = [int(i) for i in subj.test_image_ids]
 
 st.title("Browse test trials")

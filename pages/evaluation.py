@@ -7,6 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from brain_diffuser_core.config import cache_root
+from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.evaluation import VARIANTS, evaluate_bundle
 from brain_diffuser_core.export import (comparison_rows, evaluation_folder, higher_is_better, load_evaluation,
                                         rank_trials)
@@ -21,7 +22,11 @@ CPU_DEFAULT_TRIALS = 24
 ctx = _state.context()
 bd = _state.diffuser(ctx.bundle_path, ctx.device)
 subject = int(ctx.subject)
-subj = _state.subject_data(ctx.nsd_root, subject)
+try:
+    subj = _state.subject_data(ctx.nsd_root, subject)
+except FileNotFoundError as err:  # a folder bundle's NSD root without the subject's files
+    st.error(missing_data_hint(ctx.nsd_root, subject, err))
+    st.stop()
 n_test = len(subj.test_image_ids)
 
 st.title("Evaluation")

@@ -1,8 +1,9 @@
 """ROI designer: build a synthetic fMRI pattern from ROI weights (or upload one) and see the scenes it evokes.
 
 The paper's ROI-optimal scenes: a pattern of weight w inside each chosen ROI and 0 elsewhere (not z-scored)
-goes through the decoders; predicted features are re-normalised to the training features' norm and, for the
-subject average, averaged over subjects (``BrainDiffuser.reconstruct_pattern``).
+goes through the decoders; the pattern-driven part of the predicted features is set to the size of a typical
+training image's deviation from the mean (the intercept is kept) and, for the subject average, averaged over
+subjects (``BrainDiffuser.reconstruct_pattern``). A button makes the paper's whole ROI figure.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import hashlib
 import numpy as np
 import streamlit as st
 
+from brain_diffuser_core import export, roi_grid, surface
 from brain_diffuser_core import patterns as pattern_lib
-from brain_diffuser_core import surface
+from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.rois import PAPER_ROIS, PAPER_PRESETS, ROI_CATALOGUE, roi_names
 from pages import _state, _views
 
@@ -23,7 +25,13 @@ GROUPS = (("The paper's eight ROIs", PAPER_ROIS), ("Fine ROIs", tuple(roi_names(
 ctx = _state.context()
 bd = _state.diffuser(ctx.bundle_path, ctx.device)
 subjects = ctx.single_subjects
-subject_data = {s: _state.subject_data(ctx.nsd_root, s) for s in subjects}
+subject_data = {}
+for s in subjects:
+    try:
+        subject_data[s] = _state.subject_data(ctx.nsd_root, s)
+    except FileNotFoundError as err:  # a folder bundle's NSD root without this subject's files
+        st.error(missing_data_hint(ctx.nsd_root, s, err))
+        st.stop()
 available = [r for r in ROI_CATALOGUE if all(r in d.roi_names() for d in subject_data.values())]
 
 st.title("ROI designer")
@@ -222,3 +230,45 @@ if recs:
                                         width="stretch")
     else:
         gen_right.caption(f"No training images are ranked: the pattern is all zeros in subject {shown}.")
+
+# 6. The paper's ROI figure: every ROI x (each subject + the average), a few seeds each
+st.divider()
+with st.expander("The paper's ROI figure: 8 ROIs + 5 eccentricity bands x subjects + average"):
+    fig_left, fig_right = st.columns([1, 3])
+    grid_seeds = fig_left.slider("Seeds per cell", 1, 4, 2, key="roi_grid_seeds")
+    n_cells = len(roi_grid.GRID_ROIS) * (len(ctx.subjects) + (len(ctx.subjects) > 1))
+    fig_left.caption(f"{n_cells} cells x {grid_seeds} seed(s) = {n_cells * grid_seeds} generations.")
+    grid_key = (ctx.bundle_path, grid_seeds, ctx.seed, ctx.num_inference_steps)
+    if fig_left.button("Make the ROI figure", key="roi_grid_go"):
+        grid_status = fig_right.status("Making the ROI figure...", expanded=False)
+        grid_bar = fig_right.progress(0.0, text="starting")
+        all_data, missing = {}, None
+        for s in ctx.subjects:
+            try:
+                all_data[s] = _state.subject_data(ctx.nsd_root, s)
+            except FileNotFoundError as err:  # another subject's files are missing from the NSD root
+                missing = missing_data_hint(ctx.nsd_root, s, err)
+                break
+        grid = None
+        try:
+            if missing is None:
+                grid = roi_grid.make_roi_grid(
+                    bd, all_data, n_seeds=grid_seeds, base_seed=ctx.seed,
+                    num_inference_steps=ctx.num_inference_steps,
+                    progress=lambda label, done, total: grid_bar.progress(done / total,
+                                                                          text=f"{label} ({done}/{total})"),
+                    on_wait=_state.queue_reporter(grid_status, "Making the ROI figure..."))
+        except (ValueError, RuntimeError) as err:
+            missing = f"ROI figure failed: {err}"
+        if grid is None:
+            grid_status.update(label="ROI figure failed", state="error")
+            fig_right.error(missing)
+        else:
+            grid_status.update(label="ROI figure done", state="complete")
+            st.session_state["roi_grid"] = (grid_key, grid.to_image())
+    saved = st.session_state.get("roi_grid")
+    if saved and saved[0] == grid_key:
+        fig_right.image(saved[1], caption="rows: ROIs; columns: subjects and their average, seeds side by side",
+                        width="stretch")
+        fig_right.download_button("Download the ROI figure (PNG)", export.png_bytes(saved[1]),
+                                  file_name="roi_figure.png", mime="image/png", key="roi_grid_download")

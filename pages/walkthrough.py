@@ -6,12 +6,17 @@ import streamlit as st
 
 from brain_diffuser_core import neighbours, surface
 from brain_diffuser_core.config import PAPER
+from brain_diffuser_core.download import missing_data_hint
 from pages import _state, _views
 
 ctx = _state.context()
 bd = _state.diffuser(ctx.bundle_path, ctx.device)
 subject = int(ctx.subject)
-subj = _state.subject_data(ctx.nsd_root, subject)
+try:
+    subj = _state.subject_data(ctx.nsd_root, subject)
+except FileNotFoundError as err:  # a folder bundle's NSD root without the subject's files
+    st.error(missing_data_hint(ctx.nsd_root, subject, err))
+    st.stop()
 test_ids = [int(i) for i in subj.test_image_ids]
 s2 = PAPER.stage2
 

@@ -71,13 +71,15 @@ def test_evaluate_prints_the_table_beside_the_paper(flow, capsys):
     out = flow["tmp"] / "eval"
     assert main(["evaluate", "--bundle", str(flow["bundle"]), "--nsd-root", str(flow["world"]), "--subject", "1",
                  "--out", str(out), "--steps", "4", "--networks", "efficientnet_lite0", "--device", "cpu",
-                 "--cache-dir", str(flow["cache"])]) == 0
+                 "--cache-dir", str(flow["cache"]), "--judge-scenes", "2"]) == 0
     text = capsys.readouterr().out
     assert "Brain-Diffuser (published)" in text and "ours (full) subj 1" in text
+    assert "independent judge: ImageNet EfficientNet-Lite0" in text and "| Category |" in text
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert set(summary) == {"full", "stage1", "stage2_only"}
     for row in summary.values():
         assert -1 <= row["PixCorr"] <= 1 and np.isfinite(row["EffNet-Lite0"])
+        assert row["Category"] in {k / 6 for k in range(7)}  # 6 test images, each right or wrong
     assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 3 * 6
 
 

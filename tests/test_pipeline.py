@@ -67,20 +67,61 @@ def test_stage1_only(tiny, rng):
     assert recs[0].final is None and recs[0].timings["stage2"] < 0.5
 
 
-def test_pattern_features_are_renormalised_and_averaged(tiny):
+def _intercept(decoder):
+    """The prediction for an all-zero pattern, from the dense weights."""
+    t = {k: v.double().numpy() for k, v in decoder.tensors.items()}
+    return t["y_mean"] - t["x_mean"] @ decoder.dense_weight().double().numpy()
+
+
+def _expected_roi_features(decoder, pattern, norm=None):
+    """Independent computation of the authors' ROI-optimal rule: intercept + norm * (W p) / ||W p||."""
+    w = decoder.dense_weight().double().numpy()                       # (n_voxels, n_targets)
+    t = {k: v.double().numpy() for k, v in decoder.tensors.items()}
+    intercept = _intercept(decoder)
+    drive = np.asarray(pattern, np.float64) @ w
+    if norm is None:
+        norm = np.sqrt((t["y_std"] ** 2).sum())                       # RMS deviation of train features
+    return intercept + norm * drive / np.linalg.norm(drive)
+
+
+def test_pattern_features_scale_only_the_pattern_driven_part(tiny):
     patterns = {s: np.zeros(tiny.bundle.subject_info(s)["n_voxels"], np.float32) for s in (1, 2)}
     for s in patterns:
         patterns[s][:10] = 1.0
-    single = tiny.pattern_features({1: patterns[1]})
-    for name, feat in single.items():
-        norm = tiny.bundle.train_feature_norm(1, name)
-        assert np.linalg.norm(feat.reshape(1, -1), axis=1)[0] == pytest.approx(norm, rel=1e-4)
-    both = tiny.pattern_features(patterns)
-    other = tiny.pattern_features({2: patterns[2]})
-    np.testing.assert_allclose(both["clip_text"], (single["clip_text"] + other["clip_text"]) / 2, rtol=1e-5, atol=1e-6)
+    per_subject = {}
+    for s in (1, 2):
+        got = tiny.pattern_features({s: patterns[s]})
+        for name, feat in got.items():
+            want = _expected_roi_features(tiny.bundle.decoder(s, name), patterns[s])
+            np.testing.assert_allclose(feat.reshape(-1), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+        per_subject[s] = got
+    both = tiny.pattern_features(patterns)                             # the subject average
+    for name in both:
+        np.testing.assert_allclose(both[name], (per_subject[1][name] + per_subject[2][name]) / 2,
+                                   rtol=1e-5, atol=1e-6)
+        # the intercept is not rescaled: features sit at the train mean plus a typical-train-sized deviation
+        dec = tiny.bundle.decoder(1, name)
+        dev = np.linalg.norm(per_subject[1][name].reshape(-1) - _intercept(dec))
+        assert dev == pytest.approx(float(np.sqrt((dec.tensors["y_std"].numpy() ** 2).sum())), rel=1e-3)
     recs = tiny.reconstruct_pattern(patterns, name="V1", n_seeds=2, **FAST)
     assert len(recs) == 2 and recs[0].seed != recs[1].seed
     assert recs[0].seed == seed_for("pattern", "V1", 0)
+
+
+def test_pattern_features_paper_scale_uses_the_original_constants(tiny):
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    two = np.zeros((2, n_vox), np.float32)
+    two[0, :10], two[1, 10:30] = 1.0, 1.0
+    got = tiny.pattern_features({1: two}, scale="paper")
+    for name, norm in (("clip_text", 9.0), ("clip_vision", 15.0)):
+        for i in range(2):
+            want = _expected_roi_features(tiny.bundle.decoder(1, name), two[i], norm=norm)
+            np.testing.assert_allclose(got[name][i].reshape(-1), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    np.testing.assert_allclose(np.linalg.norm(got["vdvae"].reshape(2, -1), axis=1), 80.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs >= 2"):
+        tiny.pattern_features({1: two[:1]}, scale="paper")
+    with pytest.raises(ValueError, match="'scale' must be one of"):
+        tiny.pattern_features({1: two}, scale="norm")
 
 
 def test_bad_patterns_are_named(tiny):

@@ -59,6 +59,8 @@ def test_paper_presets():
         assert dict(PAPER_PRESETS[name]) == {name: 1.0}
     for cat in ("faces", "words", "places", "bodies"):
         assert dict(PAPER_PRESETS[f"V1-V4+{cat}"]) == {"V1": 1.0, "V2": 1.0, "V3": 1.0, "V4": 1.0, cat: 1.0}
+    for band in roi_names("eccentricity"):
+        assert dict(PAPER_PRESETS[band]) == {band: 1.0}
     for weights in PAPER_PRESETS.values():
         assert all(name in ROI_CATALOGUE for name in weights)
 

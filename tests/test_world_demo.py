@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from brain_diffuser_core.tiny_models import DEMO_IMAGE_SIZE
 from brain_diffuser_core.world.build import build_world
 from brain_diffuser_core.world import demo
 from brain_diffuser_core.world.demo import (MANIFEST_FILE, NOT_TRAINED_MESSAGE, TRAINED_KEY, UNTRAINED_KEY,
@@ -67,7 +68,7 @@ def test_untrained_fallback_is_flagged_and_reconstructs(world, untrained_bundle)
     bd = BrainDiffuser(bundle, device="cpu")
     rec = bd.reconstruct(subj.test_fmri[:1], 2, image_ids=subj.test_image_ids[:1], num_inference_steps=4)[0]
     assert rec.stage1.shape == (64, 64, 3) and rec.stage1.dtype == np.uint8
-    assert rec.final.shape == (32, 32, 3) and rec.final.dtype == np.uint8
+    assert rec.final.shape == (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE, 3) and rec.final.dtype == np.uint8
     assert rec.features["clip_vision"].shape == (257, 32)
 
 
@@ -345,10 +346,12 @@ def test_train_demo_models_writes_loadable_models(world, tmp_path):
     parser = argparse.ArgumentParser()
     add_train_action(parser.add_subparsers())
     args = parser.parse_args(["train", "--out", str(tmp_path / "models"), "--world-root", str(world), "--work",
-                              str(tmp_path / "work"), "--steps", "all=2,unet=3", "--threads", "1", "--no-progress"])
+                              str(tmp_path / "work"), "--steps", "all=2,unet=3", "--threads", "1", "--no-progress",
+                              "--generator-scenes", "12"])
     assert args.func(args) == 0
     out = tmp_path / "models"
     record = json.loads((out / "training.json").read_text())
+    assert record["generator_images"] == {"world_train": 48, "generator_scenes": 12}
     for stage, n in {"clip": 2, "vdvae": 2, "vae": 2, "unet": 3}.items():
         info = record["stages"][stage]
         assert info["steps"] == n and np.isfinite([info["first_loss"], info["final_loss"]]).all()
@@ -362,11 +365,13 @@ def test_train_demo_models_writes_loadable_models(world, tmp_path):
     fresh = ClipFeatureExtractor.from_pretrained(make_tiny_vd(tmp_path / "fresh"))
     grey = np.full((1, 32, 32, 3), 90, np.uint8)
     assert not np.allclose(clip.vision_embeddings(grey), fresh.vision_embeddings(grey))
-    # and the exported VD runs the dual-guided img2img
-    img = DualGuidedImg2Img(comps)(np.full((1, 32, 32, 3), 120, np.uint8), clip.text_embeddings_batch([["a red cup"]]),
+    # and the exported VD (the demo size: the world's 64 px) runs the dual-guided img2img
+    side = DEMO_IMAGE_SIZE
+    img = DualGuidedImg2Img(comps)(np.full((1, side, side, 3), 120, np.uint8),
+                                   clip.text_embeddings_batch([["a red cup"]]),
                                    clip.vision_embeddings(grey), seeds=[0], num_inference_steps=4,
                                    uncond_text=clip.unconditional_text(), uncond_vision=clip.unconditional_vision())
-    assert img.shape == (1, 32, 32, 3) and img.dtype == np.uint8
+    assert img.shape == (1, side, side, 3) and img.dtype == np.uint8
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 60e6
     # every training run ends with the manifest the demo verifies
     manifest = json.loads((out / MANIFEST_FILE).read_text())["files"]
@@ -378,6 +383,47 @@ def test_train_demo_models_writes_loadable_models(world, tmp_path):
     args = parser.parse_args(["train", "--out", str(out), "--manifest-only"])
     assert args.func(args) == 0
     assert json.loads((out / MANIFEST_FILE).read_text())["files"] == manifest
+
+    # --reuse clip,vdvae: a second run keeps those stages' weights and trains only the VAE and the UNet
+    args = parser.parse_args(["train", "--out", str(tmp_path / "again"), "--world-root", str(world), "--work",
+                              str(tmp_path / "work2"), "--steps", "vae=1,unet=1", "--threads", "1", "--no-progress",
+                              "--generator-scenes", "0", "--reuse", "clip,vdvae", "--reuse-from", str(out)])
+    assert args.func(args) == 0
+    again = tmp_path / "again"
+    rec2 = json.loads((again / "training.json").read_text())
+    assert rec2["stages"]["clip"] == {"reused_from": str(out)} == rec2["stages"]["vdvae"]
+    assert rec2["stages"]["unet"]["steps"] == 1 and all(rec2["trained"].values())
+    same = ClipFeatureExtractor.from_pretrained(again / "versatile-diffusion")
+    np.testing.assert_array_equal(same.vision_embeddings(grey), clip.vision_embeddings(grey))
+    a, b = load_vdvae(again / "vdvae.safetensors").state_dict(), vdvae.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="--reuse-from"):
+        args = parser.parse_args(["train", "--out", str(tmp_path / "x"), "--world-root", str(world), "--reuse",
+                                  "vdvae", "--reuse-from", str(tmp_path / "nowhere")])
+        args.func(args)
+    with pytest.raises(ValueError, match="'reuse' must name stages among"):
+        args = parser.parse_args(["train", "--out", str(tmp_path / "x"), "--world-root", str(world), "--reuse",
+                                  "unet"])
+        args.func(args)
+
+
+def test_demo_vae_trains_on_windows_and_reconstructs_whole_images(world, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from brain_diffuser_core.tiny_models import vd_configs
+    from brain_diffuser_core.world.train import load_train_data, train_vae
+
+    images, _, _ = load_train_data(world)
+    vae = AutoencoderKL(**vd_configs("demo")["vae"])
+    _, losses = train_vae(images[:16], vae, tmp_path / "w", steps=6, batch_size=16, lr=3e-3, progress=False,
+                          crop=32)
+    assert np.mean(losses[-2:]) < losses[0]
+    x = torch.as_tensor(images[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        assert vae.decode(vae.encode(x).latent_dist.mean).sample.shape == (2, 3, 64, 64)  # whole 64 px images
+    tiny = AutoencoderKL(**vd_configs("tiny")["vae"])  # has mid-block attention: not fully convolutional
+    with pytest.raises(ValueError, match="without mid-block attention"):
+        train_vae(images[:4], tiny, tmp_path / "w2", steps=1, crop=16, progress=False)
 
 
 def test_loop_moving_average_is_checkpointed_and_applied(tmp_path):

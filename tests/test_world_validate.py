@@ -209,6 +209,7 @@ def test_cli_validate_end_to_end_writes_the_report(small_bundle, tmp_path, capsy
     out = tmp_path / "report"
     rois = ["V1", "V4", "faces", "ecc0pt5", "ecc4+"]
     rc = main(["world", "validate", "--bundle", str(bundle), "--seeds", "2", "--steps", "2", "--out", str(out),
+               "--judge-scenes", "3",
                "--rois", ",".join(rois), "--subjects", "1,average", "--calibration", "48", "--device", "cpu",
                "--cache-dir", str(cache / "nsd"), "--no-progress"])
     assert rc in (0, None)
@@ -226,6 +227,9 @@ def test_cli_validate_end_to_end_writes_the_report(small_bundle, tmp_path, capsy
     # the bundle's (untrained) CLIP loads, so the CLIP judge labels every image with a world category
     assert all(r["clip"] in ("face", "body", "place", "word", "object", "texture") for r in recs)
     assert "nearest centroid over 6 categories" in report["clip_note"]
+    # the independent judge labels every image too, and says how well it does on held-out fresh scenes
+    assert all(r["independent"] in ("face", "body", "place", "word", "object", "texture") for r in recs)
+    assert "EfficientNet-Lite0" in report["independent_note"] and "correct on 6 other" in report["independent_note"]
     # nothing claims the category aim with 2 seeds
     assert all(not a["met"] for a in report["aims"] if a["aim"].startswith("faces: >="))
     summ = {(r["roi"], r["subject"]): r for r in report["summary"]}
@@ -291,7 +295,7 @@ def test_decoder_check_is_na_when_the_bundle_clip_does_not_load(small_bundle, mo
         raise OSError("no CLIP here")
 
     monkeypatch.setattr(ClipFeatureExtractor, "from_pretrained", fail)  # the towers are gone after loading
-    rep = validate_bundle(bd, root, rois=["faces"], subjects=[1], n_seeds=1,
+    rep = validate_bundle(bd, root, rois=["faces"], subjects=[1], n_seeds=1, judge_scenes=3,
                           n_calibration=24, cache_dir=cache / "nsd", run_stage2=False)
     (row,) = rep.summary()
     assert row["decoded_text_category"] == "n/a" == row["decoded_vision_category"]
@@ -314,3 +318,27 @@ def test_world_calibration_scenes_are_the_worlds_train_images(small_bundle):
         assert [o["kind"] for o in rec["objects"]] == [o.kind for o in s.objects]
     with pytest.raises(FileNotFoundError, match="images.json"):
         world_calibration_scenes(root / "nowhere")
+
+
+def test_differential_contrast_centroid_moves_with_the_added_ring_not_the_shared_noise(rng):
+    from brain_diffuser_core.world.validate import contrast_centroid_deg, differential_contrast_centroids
+
+    h = 64
+    yy, xx = np.mgrid[:h, :h]
+    r_deg = np.hypot(yy + 0.5 - h / 2, xx + 0.5 - h / 2) * 8.4 / h
+    bands = {}
+    for k, (lo, hi) in enumerate([(0.0, 0.8), (1.0, 1.8), (2.2, 3.0), (3.2, 4.0)]):
+        ring = (r_deg >= lo) & (r_deg < hi)
+        imgs = []
+        for s in range(6):
+            noise = rng.normal(0, 40, (h, h, 3))  # strong i.i.d. noise shared by every band
+            checker = 60 * (((yy // 2 + xx // 2) % 2) * 2 - 1)[..., None] * ring[..., None]
+            imgs.append(np.clip(128 + noise + checker, 0, 255).astype(np.uint8))
+        bands[f"b{k}"] = np.stack(imgs)
+    diff = list(differential_contrast_centroids(bands).values())
+    assert all(b > a for a, b in zip(diff, diff[1:])), diff
+    # the plain centroid is dominated by the noise everywhere and barely moves
+    plain = [float(np.nanmean(contrast_centroid_deg(v))) for v in bands.values()]
+    assert plain[-1] - plain[0] < 0.5 * (diff[-1] - diff[0])
+    with pytest.raises(ValueError, match=">= 2 bands"):
+        differential_contrast_centroids({"b0": bands["b0"]})

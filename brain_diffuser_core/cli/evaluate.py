@@ -50,6 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the paper's 50)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-arrays cache (as for `prepare`)")
+    p.add_argument("--judge-scenes", type=int, default=200, metavar="N",
+                   help="on a MiniNSD world: fresh scenes per category that fit the independent category judge "
+                        "(default: 200; cached under the cache folder)")
     p.set_defaults(func=run)
     return p
 
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from ..evaluation import evaluate_bundle, write_subject_mean
+    from ..evaluation import evaluate_bundle, world_category_score, write_subject_mean
     from ..nsd import load_subject
     from ..pipeline import BrainDiffuser
     from .reconstruct import parse_rows
@@ -87,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"clip": {"path": diffuser.bundle.clip_location(), "device": str(diffuser.device)}}
     overrides = {"num_inference_steps": args.steps} if args.steps else {}
     out_root = Path(args.out)
+    judge = None
+    if (Path(args.nsd_root) / "world" / "image_labels.npy").is_file():  # a MiniNSD world: categories are known
+        judge = world_category_score(args.nsd_root, args.cache_dir, n_per_category=args.judge_scenes)
+        print(f"Category = reconstruction judged in its original's category by the independent judge: "
+              f"{judge.describe()}")
     summaries = {}
     for number in subjects:
         subject = load_subject(args.nsd_root, number, cache_dir=args.cache_dir, progress=True)
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                                             networks=networks, network_kwargs=kwargs, pixel_size=args.pixel_size,
                                             base_seed=args.seed, rescale=args.rescale,
                                             batch_size=args.batch_size, progress=progress, paper=args.paper,
-                                            **overrides)
+                                            category_judge=judge, **overrides)
         for bar in bars.values():
             bar.close()
         print((out / "table.md").read_text())

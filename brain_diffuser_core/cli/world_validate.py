@@ -17,7 +17,9 @@ Generate the paper's ROI-optimal scenes (pattern 1 inside an ROI, 0 elsewhere; e
 average) with a decoder bundle fitted on a MiniNSD world, and score them against the observers' known tuning:
 
   faces, bodies, places, words   fraction of images judged to show the preferred category
-                                 (observer judge: noise-free response of the category areas, calibrated on
+                                 (independent judge, the default: ImageNet EfficientNet-Lite0 features + a
+                                 logistic regression fitted on fresh world scenes, its held-out accuracy
+                                 printed; observer judge: noise-free response of the category areas, calibrated on
                                  the world's train images; CLIP judge: nearest category centroid in the
                                  bundle CLIP's image space, when it loads)          aim >= 80% over >= 16 seeds
   decoder level                  per ROI and subject, before generating: the category whose centroid is
@@ -55,8 +57,11 @@ def add_validate_action(actions) -> argparse.ArgumentParser:
                    help="comma-separated catalogue ROIs (default: the paper's 8 and the 5 eccentricity bands)")
     p.add_argument("--subjects", default=None, metavar="LIST",
                    help="comma-separated subjects and/or 'average' (default: every bundle subject and average)")
-    p.add_argument("--judge", default="observer", choices=JUDGES,
-                   help="judge used for the category aims (default: observer; clip needs the bundle's CLIP)")
+    p.add_argument("--judge", default="independent", choices=JUDGES,
+                   help="judge used for the category aims (default: independent, an ImageNet EfficientNet-Lite0 "
+                        "probe that played no part in training; clip needs the bundle's CLIP)")
+    p.add_argument("--judge-scenes", type=int, default=200, metavar="N",
+                   help="fresh scenes per category that fit the independent judge (default: 200; cached)")
     p.add_argument("--calibration", type=int, default=600, metavar="N",
                    help="world train images that fit and calibrate the judges (default: 600)")
     p.add_argument("--steps", type=int, default=PAPER.stage2.num_inference_steps,
@@ -120,7 +125,7 @@ def run_validate(args: argparse.Namespace) -> int:
                                  n_seeds=args.seeds, judge=args.judge, progress=progress,
                                  n_calibration=args.calibration, batch_size=args.batch_size, base_seed=args.seed,
                                  cache_dir=args.cache_dir, run_stage2=not args.stage1_only,
-                                 num_inference_steps=args.steps)
+                                 judge_scenes=args.judge_scenes, num_inference_steps=args.steps)
     finally:
         bar.close()
     paths = report.write(args.out)

@@ -26,7 +26,7 @@ Design (NSD's rules, smaller numbers)
   trial ever shows.
 * Trials: each test image ``test_repeats`` times, each train image ``train_repeats`` times, then extra train
   repeats until the last session of 750 trials is full; shuffled with a seed. ``masterordering`` is shared by
-  all subjects, as in NSD. The default sizes (2,640 train + 120 test x 3) fill exactly 4 sessions.
+  all subjects, as in NSD. The default sizes (3,600 train + 120 test, each shown 3 times) fill 15 sessions.
 * Betas: ``Observer(subject, seed).responses`` with per-trial noise seeds ``seed_for("trial", subject,
   trial, base_seed=seed)``, stored as NSD does: int16 of percent signal change x 300, NIfTI ``.nii.gz``
   (chosen over HDF5: 4x smaller on disk, and a session reads in about 0.05 s either way).
@@ -79,13 +79,14 @@ __all__ = [
 ]
 
 #: bump whenever the files' layout or meaning changes: older caches are then rebuilt, never misread
-WORLD_FORMAT_VERSION = 1
-#: build parameters of the default world (the app's); 2,640 + 3 x 120 = 3,000 trials = 4 full sessions
+WORLD_FORMAT_VERSION = 2
+#: build parameters of the default world (the app's): every image shown 3 times as in NSD;
+#: 3 x 3,600 + 3 x 120 = 11,160 trials, 15 sessions (the last filled with extra train repeats)
 DEFAULT_PARAMS: dict = {
-    "n_train": 2640,
+    "n_train": 3600,
     "n_test": 120,
     "test_repeats": 3,
-    "train_repeats": 1,
+    "train_repeats": 3,
     "subjects": [1, 2, 5, 7],
     "seed": 0,
     "noise_sd": 3.0,

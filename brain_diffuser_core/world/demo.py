@@ -345,7 +345,8 @@ def _check_models(models_dir: Path, memo_file: Path) -> bool:
 
 def ensure_untrained_models(folder: str | Path, seed: int = 0) -> Path:
     """Write (once) untrained tiny random demo models in the demo layout: a tiny VDVAE at the world's 64 px
-    (:meth:`VDVAEConfig.tiny`) and a tiny Versatile Diffusion (:func:`make_tiny_vd`). Returns the folder."""
+    (:meth:`VDVAEConfig.tiny`) and the demo-size Versatile Diffusion (:func:`make_tiny_vd` ``size="demo"``).
+    Returns the folder."""
     import torch
 
     from ..features.vdvae import VDVAE, VDVAEConfig, save_vdvae
@@ -354,7 +355,7 @@ def ensure_untrained_models(folder: str | Path, seed: int = 0) -> Path:
 
     folder = Path(folder)
     if not (folder / VD_FOLDER / "model_index.json").is_file():
-        make_tiny_vd(folder / VD_FOLDER, seed=seed)
+        make_tiny_vd(folder / VD_FOLDER, seed=seed, size="demo")
     if not (folder / VDVAE_FILE).is_file():
         torch.manual_seed(seed)
         save_vdvae(VDVAE(VDVAEConfig.tiny(IMAGE_SIZE)).eval(), folder / VDVAE_FILE)

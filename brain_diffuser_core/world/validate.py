@@ -42,7 +42,9 @@ pictures; in the MiniNSD world the observers' tuning is known, so the pictures c
 * **V1 vs V4**: high-spatial-frequency energy (:func:`hf_energy_fraction`) and colourfulness
   (:func:`colourfulness`, Hasler & Suesstrunk 2003). Aim: V1 scenes carry more high-frequency energy.
 * **eccentricity bands**: radial centre of mass of contrast energy (:func:`contrast_centroid_deg`, degrees
-  in the world's 8.4 deg field). Aim: it moves outward band by band.
+  in the world's 8.4 deg field), and its noise-robust form (:func:`differential_contrast_centroids`: the
+  seed-averaged contrast map of a band minus the mean over the bands, so what all bands' scenes share, the
+  generator's own texture and noise included, cancels). Aim: each moves outward band by band.
 
 Every generated image is resized to the world's 64 px before scoring (all ROIs alike). Nothing here claims
 an aim is met: :meth:`ValidationReport.aims` computes each one from the numbers, and untrained demo models
@@ -76,6 +78,7 @@ __all__ = [
     "hf_energy_fraction",
     "colourfulness",
     "contrast_centroid_deg",
+    "differential_contrast_centroids",
     "CoverageModel",
     "ObserverJudge",
     "ClipJudge",
@@ -98,7 +101,9 @@ DEFAULT_ROIS: tuple[str, ...] = tuple(PAPER_ROIS) + ECCENTRICITY_ROIS
 HF_CUTOFF_CPD = 1.5
 #: Gaussian sigma (degrees) of the blur subtracted to get local contrast for the eccentricity centroid
 CONTRAST_SIGMA_DEG = 0.15
-JUDGES: tuple[str, ...] = ("observer", "clip")
+#: the judges: "independent" (ImageNet EfficientNet-Lite0 + a linear probe on fresh scenes, :mod:`.judge`;
+#: played no part in training or selecting any model), "observer" (the world's tuning), "clip" (bundle's CLIP)
+JUDGES: tuple[str, ...] = ("independent", "observer", "clip")
 #: decoded features checked at the decoder level, and their summary columns
 DECODED_FEATURES: Mapping[str, str] = {"clip_text": "decoded_text_category",
                                        "clip_vision": "decoded_vision_category"}
@@ -171,13 +176,8 @@ def colourfulness(images) -> np.ndarray:
     return (std + 0.3 * mean).astype(np.float32)
 
 
-def contrast_centroid_deg(images, field_deg: float = FIELD_DEG, sigma_deg: float = CONTRAST_SIGMA_DEG) -> np.ndarray:
-    """Radial centre of mass of local contrast energy, degrees from the image centre, float32 (n,).
-
-    Local contrast energy ``e = (grey - G_sigma * grey)^2`` (grey in [0, 1], Gaussian sigma ``sigma_deg``,
-    reflecting borders); each pixel's eccentricity ``r`` is its centre's distance from the image centre in
-    degrees (image side = ``field_deg``). Returns ``sum(e * r) / sum(e)``; NaN for an image with no contrast.
-    """
+def _contrast_energy(images, field_deg: float, sigma_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Local contrast energy float32 (n, h, w) and each pixel's eccentricity in degrees (h, w)."""
     a = _check_images(images).astype(np.float32) / 255.0
     n, h, w, _ = a.shape
     grey = a @ _GREY
@@ -187,11 +187,49 @@ def contrast_centroid_deg(images, field_deg: float = FIELD_DEG, sigma_deg: float
     e = (grey - ndimage.gaussian_filter(grey, (0, sigma_px, sigma_px), mode="reflect")) ** 2
     ys = ((np.arange(h) + 0.5) / h - 0.5) * field_deg * h / w
     xs = ((np.arange(w) + 0.5) / w - 0.5) * field_deg
-    r = np.hypot(ys[:, None], xs[None, :]).astype(np.float32)
+    return e.astype(np.float32), np.hypot(ys[:, None], xs[None, :]).astype(np.float32)
+
+
+def contrast_centroid_deg(images, field_deg: float = FIELD_DEG, sigma_deg: float = CONTRAST_SIGMA_DEG) -> np.ndarray:
+    """Radial centre of mass of local contrast energy, degrees from the image centre, float32 (n,).
+
+    Local contrast energy ``e = (grey - G_sigma * grey)^2`` (grey in [0, 1], Gaussian sigma ``sigma_deg``,
+    reflecting borders); each pixel's eccentricity ``r`` is its centre's distance from the image centre in
+    degrees (image side = ``field_deg``). Returns ``sum(e * r) / sum(e)``; NaN for an image with no contrast.
+    """
+    e, r = _contrast_energy(images, field_deg, sigma_deg)
     tot = e.sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         out = (e * r).sum(axis=(1, 2)) / tot
     return np.where(tot > 1e-12, out, np.nan).astype(np.float32)
+
+
+def differential_contrast_centroids(images_by_band: Mapping[str, np.ndarray], field_deg: float = FIELD_DEG,
+                                    sigma_deg: float = CONTRAST_SIGMA_DEG, ring_deg: float = 0.3) -> dict[str, float]:
+    """Noise-robust eccentricity of each band's scenes: where its contrast exceeds the bands' common contrast.
+
+    For each band, the local contrast energy (:func:`contrast_centroid_deg`) of its images is averaged over
+    seeds and over rings ``ring_deg`` wide around the image centre (a radial profile: the mean energy per
+    ring); the mean profile over all bands is subtracted, and the centre of mass (degrees) of the positive
+    part is returned (NaN where nothing is left). What every band's scenes share (the generator's own texture
+    or pixel noise, a frame, a horizon) cancels, and i.i.d. noise averages out over the seeds and the pixels of
+    a ring, so a band's value moves only with contrast it puts where the other bands do not. Needs >= 2 bands.
+    """
+    if len(images_by_band) < 2:
+        raise ValueError(f"'images_by_band' must hold >= 2 bands; {list(images_by_band)} was provided")
+    profiles, centres = {}, None
+    for band, imgs in images_by_band.items():
+        e, r = _contrast_energy(imgs, field_deg, sigma_deg)
+        ring = np.minimum((r / ring_deg).astype(np.int64), int(r.max() / ring_deg)).ravel()
+        count = np.bincount(ring)
+        profiles[band] = np.bincount(ring, weights=e.mean(0).ravel(), minlength=len(count)) / np.maximum(count, 1)
+        centres = (np.arange(len(count)) + 0.5) * ring_deg
+    common = np.mean(list(profiles.values()), axis=0)
+    out = {}
+    for band, prof in profiles.items():
+        d = np.clip(prof - common, 0.0, None)
+        out[band] = float((d * centres).sum() / d.sum()) if d.sum() > 1e-12 else float("nan")
+    return out
 
 
 # --------------------------------------------------------------------------------------------- judges
@@ -491,6 +529,7 @@ class ValidationReport:
     decoded: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     clip_note: str = ""
     decoded_note: str = ""
+    independent_note: str = ""
     models_trained: bool | None = None
     settings: dict = field(default_factory=dict)
 
@@ -513,11 +552,11 @@ class ValidationReport:
                        "preferred": pref}
                 others = [r for r in self.records if r["subject"] == subj and r["roi"] != roi]
                 for j in JUDGES:
-                    vals = [r[j] for r in rows if r[j] is not None]
+                    vals = [r.get(j) for r in rows if r.get(j) is not None]
                     row[f"{j}_preferred_fraction"] = (float(np.mean([v == pref for v in vals]))
                                                       if pref is not None and vals else None)
                     # the same judge on the other ROIs' scenes: how often it says this category anyway
-                    ovals = [r[j] for r in others if r[j] is not None]
+                    ovals = [r.get(j) for r in others if r.get(j) is not None]
                     row[f"{j}_other_rois_fraction"] = (float(np.mean([v == pref for v in ovals]))
                                                        if pref is not None and ovals else None)
                     row[f"{j}_counts"] = {c: sum(v == c for v in vals) for c in sorted(set(vals))} if vals else {}
@@ -567,6 +606,13 @@ class ValidationReport:
                 out.append({"aim": "contrast centroid moves outward band by band", "subject": subj,
                             "value": bands, "target": "strictly increasing",
                             "met": bool(all(b > a for a, b in zip(bands, bands[1:])))})
+            band_images = {b: self.images[(b, subj)] for b in ECCENTRICITY_ROIS if (b, subj) in self.images}
+            if len(band_images) >= 2:
+                diff = list(differential_contrast_centroids(band_images).values())
+                out.append({"aim": "differential contrast centroid (band minus the bands' mean, over seeds) moves "
+                                   "outward band by band", "subject": subj, "value": diff,
+                            "target": "strictly increasing",
+                            "met": bool(np.all(np.isfinite(diff)) and all(b > a for a, b in zip(diff, diff[1:])))})
         return out
 
     # ------------------------------------------------------------------ output
@@ -575,12 +621,13 @@ class ValidationReport:
         def f(v, fmt):
             return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
-        head = (f"{'roi':<8} {'subject':<8} {'n':>3} {'voxels':>6} {'pref':<6} {'observer':>8} {'clip':>6} "
+        head = (f"{'roi':<8} {'subject':<8} {'n':>3} {'voxels':>6} {'pref':<6} {'indep':>6} {'observer':>8} {'clip':>6} "
                 f"{'dec text':<8} {'dec vis':<8} {'HF frac':>8} {'colour':>7} {'ecc deg':>7}")
         lines = [head, "-" * len(head)]
         for r in self.summary():
             lines.append(f"{r['roi']:<8} {r['subject']:<8} {r['n']:>3} {f(r['n_voxels'], 'd'):>6} "
-                         f"{r['preferred'] or '-':<6} {f(r['observer_preferred_fraction'], '.0%'):>8} "
+                         f"{r['preferred'] or '-':<6} {f(r['independent_preferred_fraction'], '.0%'):>6} "
+                         f"{f(r['observer_preferred_fraction'], '.0%'):>8} "
                          f"{f(r['clip_preferred_fraction'], '.0%'):>6} {r['decoded_text_category']:<8} "
                          f"{r['decoded_vision_category']:<8} {f(r['hf_fraction'], '.3f'):>8} "
                          f"{f(r['colourfulness'], '.1f'):>7} {f(r['ecc_centroid_deg'], '.2f'):>7}")
@@ -602,6 +649,8 @@ class ValidationReport:
             else:
                 vs = " -> ".join(f"{x:.2f}" for x in v) + " deg"
             lines.append(f"  [{'MET' if a['met'] else 'not met'}] {a['subject']:<8} {a['aim']}: {vs}")
+        if self.independent_note:
+            lines.append(f"independent judge: {self.independent_note}")
         if self.clip_note:
             lines.append(f"clip judge: {self.clip_note}")
         if self.decoded_note:
@@ -614,6 +663,7 @@ class ValidationReport:
     def to_json(self) -> dict:
         return {"rois": self.rois, "subjects": self.subjects, "n_seeds": self.n_seeds, "judge": self.judge,
                 "models_trained": self.models_trained, "clip_note": self.clip_note,
+                "independent_note": self.independent_note,
                 "decoded_note": self.decoded_note, "settings": self.settings,
                 "rules": {"hf_cutoff_cpd": HF_CUTOFF_CPD, "contrast_sigma_deg": CONTRAST_SIGMA_DEG,
                           "field_deg": FIELD_DEG, "scored_size_px": IMAGE_SIZE},
@@ -626,7 +676,8 @@ class ValidationReport:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "report.json", "per_seed": out / "per_seed.csv", "summary": out / "summary.csv"}
         atomic_write_json(paths["json"], to_jsonable(self.to_json()))
-        cols = ["roi", "subject", "seed", "key", "preferred", "observer", "clip", "hf_fraction", "colourfulness",
+        cols = ["roi", "subject", "seed", "key", "preferred", "independent", "observer", "clip", "hf_fraction",
+                "colourfulness",
                 "ecc_centroid_deg"]
         _write_csv(paths["per_seed"], cols, self.records)
         summ = self.summary()
@@ -721,12 +772,13 @@ def validate_bundle(
     rois: Sequence[str] = DEFAULT_ROIS,
     subjects: Sequence[int | str] | None = None,
     n_seeds: int = 16,
-    judge: str = "observer",
+    judge: str = "independent",
     progress: ProgressFn | None = None,
     n_calibration: int = 600,
     batch_size: int = 16,
     base_seed: int = 0,
     cache_dir=None,
+    judge_scenes: int = 200,
     **overrides,
 ) -> ValidationReport:
     """Generate ROI-optimal scenes with ``diffuser`` and score them against the world's known tuning.
@@ -741,12 +793,14 @@ def validate_bundle(
         ``"average"`` (when there are two or more).
     n_seeds : images per (roi, subject); seed ``k`` is ``seed_for("pattern", "validate/<roi>/<subject>", k,
         base_seed=base_seed)``.
-    judge : "observer" (default) or "clip": which judge's fraction the category aims use. Both are computed
-        when the bundle's CLIP loads; "clip" fails when it does not.
+    judge : "independent" (default), "observer" or "clip": which judge's fraction the category aims use. All
+        are computed (the clip judge when the bundle's CLIP loads; "clip" fails when it does not).
     progress : callable(step, done, total) after each generated batch.
-    n_calibration : world train images used to fit and calibrate the judges.
+    n_calibration : world train images used to fit and calibrate the observer and CLIP judges.
+    judge_scenes : fresh scenes per category that fit the independent judge (a quarter as many score it).
     batch_size : images generated at once.
-    cache_dir : prepared-subject cache for :func:`~brain_diffuser_core.nsd.load_subject`.
+    cache_dir : prepared-subject cache for :func:`~brain_diffuser_core.nsd.load_subject`; the independent
+        judge's fitted probe is cached under it too (default: the app's cache).
     overrides : stage settings for generation (e.g. ``num_inference_steps=10``, ``run_stage2=False``).
 
     Returns
@@ -790,6 +844,12 @@ def validate_bundle(
     # 3. Judges
     scenes = world_calibration_scenes(world_root, n_calibration)
     obs_judge = ObserverJudge.fit(observers, scenes)
+    from ..config import cache_root
+    from .judge import CategoryJudge
+
+    independent = CategoryJudge.cached(cache_dir if cache_dir is not None else cache_root(),
+                                       n_per_category=judge_scenes,
+                                       n_heldout_per_category=max(1, int(judge_scenes) // 4))
     extractor, why, where = _load_clip(diffuser)
     if extractor is not None:
         clip_judge, clip_note = _load_clip_judge(diffuser, scenes, extractor, where)
@@ -803,6 +863,7 @@ def validate_bundle(
 
     report = ValidationReport(rois=rois, subjects=[_subject_label(s) for s in subjects], n_seeds=int(n_seeds),
                               judge=judge, clip_note=clip_note, decoded_note=decoded_note,
+                              independent_note=independent.describe(),
                               models_trained=_models_trained(diffuser.bundle),
                               settings={"base_seed": int(base_seed), "run_stage2": run_stage2,
                                         "n_calibration": len(scenes), **overrides})
@@ -836,12 +897,14 @@ def validate_bundle(
             report.images[(roi, label)] = imgs
             small = to_world_size(imgs)
             obs_labels = obs_judge.classify(small, members)
+            ind_labels = independent.classify(small)
             clip_labels = clip_judge.classify(imgs) if clip_judge is not None else [None] * len(imgs)
             hf, col, ecc = hf_energy_fraction(small), colourfulness(small), contrast_centroid_deg(small)
             for k, seed in enumerate(seeds):
                 report.records.append({
                     "roi": roi, "subject": label, "seed": int(seed), "key": f"{name}/seed{seed}",
-                    "preferred": pref, "observer": obs_labels[k], "clip": clip_labels[k],
+                    "preferred": pref, "independent": ind_labels[k], "observer": obs_labels[k],
+                    "clip": clip_labels[k],
                     "hf_fraction": float(hf[k]), "colourfulness": float(col[k]),
                     "ecc_centroid_deg": None if not np.isfinite(ecc[k]) else float(ecc[k])})
     return report
