@@ -6,6 +6,10 @@ and the library read them from :data:`PAPER`; nothing else hard-codes 0.75 or 37
 
 Override per call with :func:`dataclasses.replace`, e.g.
 ``replace(PAPER.stage2, strength=0.5)``.
+
+The one switch between the project's improvements (the default) and the original scripts step for step is
+:class:`Mode` (:data:`IMPROVED`, :data:`PAPER_MODE`, :func:`mode`); every difference it covers is a field
+there, with its reason, and README's "Where this differs" table lists them.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ __all__ = [
     "StageTwoConfig",
     "PaperConfig",
     "PAPER",
+    "Mode",
+    "IMPROVED",
+    "PAPER_MODE",
+    "mode",
     "FEATURE_NAMES",
     "cache_root",
 ]
@@ -101,8 +109,20 @@ class StageTwoConfig:
     image_size: int = 512
     vae_scaling_factor: float = 0.18215
     #: unconditional embeddings: CLIP-text of this prompt and CLIP-vision of a uniform grey image of this value
+    #: (128, the mid grey; the original's zeros in [-1, 1] truncated to uint8 give 127: :data:`PAPER_MODE`)
     unconditional_prompt: str = ""
     unconditional_grey: int = 128
+    #: the init latent is noised this many DDIM steps before the first denoising step (0: diffusers' img2img,
+    #: noise to and denoise from t=721; 1: the original LDM sampler's off-by-one, noise to t=741, denoise from 721)
+    start_noise_offset: int = 0
+    #: final image to uint8 by truncation (the original's ``ToPILImage``) instead of rounding
+    truncate_output: bool = False
+    #: the DDIM sampler of the original scripts (LDM's ``DDIMSampler`` on Stable Diffusion's beta schedule):
+    #: no x0 clipping, alpha-bar of t=0 for the last step, timesteps 1, 21, ..., 981 for 50 steps
+    scheduler: Mapping[str, object] = field(default_factory=lambda: _frozen_map({
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+        "timestep_spacing": "leading"}))
 
     @property
     def text_mix(self) -> float:
@@ -133,6 +153,57 @@ class PaperConfig:
 
 
 PAPER = PaperConfig()
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The one switch: the project's improvements (:data:`IMPROVED`, the default) or the original scripts
+    reproduced step for step (:data:`PAPER_MODE`), so a table can be set beside the published Table 1.
+
+    Every field is a place where the two differ; README's "Where this differs" table gives the reasons.
+
+    paper : True for :data:`PAPER_MODE`.
+    rescale : prediction rescaling, "train" (leave-one-out TRAIN statistics; serves one trial) or "paper"
+        (z-score across the whole test set, as the original; leaks test statistics).
+    start_noise_offset, unconditional_grey, truncate_output : stage-2 settings (see :class:`StageTwoConfig`).
+    clip_preprocess : CLIP-vision input, "direct" (the processor: shortest edge to 224 bicubic, centre crop) or
+        "paper" (image -> 512 bilinear -> truncating uint8 -> the processor, as the original's feature scripts).
+    network_resample : how images are brought to the evaluation networks' 224 px, "bicubic" or "bilinear" (the
+        original's ``transforms.Resize``).
+    ssim : "2d" (true 2-D SSIM) or "columns" (what the original's ``structural_similarity(grey, grey,
+        multichannel=True, ...)`` computed with the scikit-image of its time: the mean of 1-D SSIMs down the
+        columns, each column taken as a channel).
+    """
+
+    paper: bool
+    rescale: str
+    start_noise_offset: int
+    unconditional_grey: int
+    truncate_output: bool
+    clip_preprocess: str
+    network_resample: str
+    ssim: str
+
+    @property
+    def name(self) -> str:
+        return "paper" if self.paper else "improved"
+
+    def stage2_overrides(self) -> dict[str, object]:
+        """The :class:`StageTwoConfig` fields this mode sets (for ``dataclasses.replace`` or ``**overrides``)."""
+        return {"start_noise_offset": self.start_noise_offset, "unconditional_grey": self.unconditional_grey,
+                "truncate_output": self.truncate_output}
+
+
+IMPROVED = Mode(paper=False, rescale="train", start_noise_offset=PAPER.stage2.start_noise_offset,
+                unconditional_grey=PAPER.stage2.unconditional_grey, truncate_output=PAPER.stage2.truncate_output,
+                clip_preprocess="direct", network_resample="bicubic", ssim="2d")
+PAPER_MODE = Mode(paper=True, rescale="paper", start_noise_offset=1, unconditional_grey=127, truncate_output=True,
+                  clip_preprocess="paper", network_resample="bilinear", ssim="columns")
+
+
+def mode(paper: bool = False) -> Mode:
+    """:data:`PAPER_MODE` if ``paper`` else :data:`IMPROVED`."""
+    return PAPER_MODE if paper else IMPROVED
 
 
 def cache_root() -> Path:

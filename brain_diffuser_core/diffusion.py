@@ -5,7 +5,10 @@ has no img2img strength, and crashes as shipped: the UNet blocks pass ``encoder_
 transformer, which ``DualTransformer2DModel.forward`` does not accept. This module owns:
 
 * :func:`load_versatile_diffusion`: each component from its own subfolder (the pipeline's
-  ``from_pretrained`` cannot find ``UNetFlatConditionModel``), never downloading;
+  ``from_pretrained`` cannot find ``UNetFlatConditionModel``), never downloading; each safetensors file's keys
+  and shapes checked against its config first (a mismatch is an error naming both files, never randomly
+  initialised weights); the DDIM scheduler built from the paper's constants (:func:`paper_scheduler`), the
+  folder's ``scheduler_config.json`` only checked against them;
 * :class:`MaskAwareDualTransformer2D`: the fix, a subclass of diffusers' ``DualTransformer2DModel`` that
   accepts ``encoder_attention_mask`` and hands each transformer the slice of it for its own condition;
 * :func:`convert_to_dual_attention` / :func:`set_dual_guidance`: the image UNet's transformer blocks paired
@@ -16,7 +19,9 @@ transformer, which ``DualTransformer2DModel.forward`` does not accept. This modu
 """
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,10 +33,12 @@ from torch import nn
 
 from .config import PAPER
 from .features.clip import resolve_local_model
+from .io import state_mismatch
 
 __all__ = [
     "VDComponents",
     "load_versatile_diffusion",
+    "paper_scheduler",
     "MaskAwareDualTransformer2D",
     "convert_to_dual_attention",
     "set_dual_guidance",
@@ -84,9 +91,76 @@ def _weights_variant(folder: Path, source: str) -> str | None:
     )
 
 
+def _read_config(path: Path, source: str) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Versatile Diffusion weights: {str(path)!r} is not a readable JSON config ({err}). "
+                         f"Expected a folder with {_VD_LAYOUT}; get a complete copy with `hf download {source}`."
+                         ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"Versatile Diffusion weights: {str(path)!r} must hold a JSON object; found "
+                         f"{type(cfg).__name__}")
+    return cfg
+
+
+def _check_component(cls, folder: Path, variant: str | None, source: str) -> None:
+    """The safetensors weights' names and shapes against the model ``config.json`` describes (meta device).
+
+    diffusers leaves parameters the file lacks randomly initialised with only a log line; this raises
+    instead, naming the weights file, the config and the first mismatched keys. ``.bin`` weights are not
+    read here (that would unpickle-load them twice); diffusers then checks them.
+    """
+    name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
+    weights = folder / name
+    cfg_path = folder / "config.json"
+    config = _read_config(cfg_path, source)
+    if not weights.exists():
+        return
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except Exception as err:  # noqa: BLE001 - any config the class cannot build
+        raise ValueError(f"Versatile Diffusion weights: {str(cfg_path)!r} does not describe a "
+                         f"{cls.__name__} ({type(err).__name__}: {err}). Expected the config.json written with "
+                         f"the weights; get a complete copy with `hf download {source}`.") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    diff = state_mismatch(found, expected)
+    if diff:
+        raise ValueError(
+            f"Versatile Diffusion weights: {str(weights)!r} do not match the {cls.__name__} that "
+            f"{str(cfg_path)!r} describes: {diff}. The config and the weights must come from the same "
+            f"checkpoint ({_VD_LAYOUT}); get a complete copy with `hf download {source}`."
+        )
+
+
+def paper_scheduler(folder_config: dict | None = None, where: str = "scheduler_config.json"):
+    """diffusers' ``DDIMScheduler`` with the original sampler's constants (``PAPER.stage2.scheduler``).
+
+    The constants are used whatever ``folder_config`` says: a folder converted by diffusers' script holds a
+    PNDM config, from which ``DDIMScheduler.from_pretrained`` would take DDIM's defaults (``clip_sample=True``:
+    x0 clamped to [-1, 1] at every step, ``set_alpha_to_one=True``, ``steps_offset=0``), none of them the
+    paper's. Each key of the constants that ``folder_config`` sets to another value is named in a warning.
+    """
+    from diffusers import DDIMScheduler
+
+    constants = dict(PAPER.stage2.scheduler)
+    if folder_config:
+        disagree = [f"{k}={folder_config[k]!r} (paper: {v!r})" for k, v in constants.items()
+                    if k in folder_config and folder_config[k] != v]
+        if disagree:
+            warnings.warn(f"{where} disagrees with the paper's DDIM sampler on {', '.join(disagree)}; "
+                          "the paper's values are used", UserWarning, stacklevel=3)
+    return DDIMScheduler(**constants)
+
+
 def load_versatile_diffusion(path_or_id: str | os.PathLike = PAPER.stage2.vd_model_id, device="cpu",
                              dtype: torch.dtype | None = None) -> VDComponents:
-    """Load image UNet, text UNet, VAE and a DDIM scheduler, each from its own subfolder.
+    """Load image UNet, text UNet, VAE and the paper's DDIM scheduler, each from its own subfolder.
 
     Parameters
     ----------
@@ -94,28 +168,35 @@ def load_versatile_diffusion(path_or_id: str | os.PathLike = PAPER.stage2.vd_mod
         cache (``local_files_only``: never downloads).
     device : where the modules are put ("cpu", "cuda", ...).
     dtype : defaults to float16 on CUDA (as the paper runs the UNet and VAE) and float32 elsewhere.
+
+    Raises FileNotFoundError for a missing file, ValueError for an unreadable config or weights that do not
+    match their config (naming both and the first mismatched keys). The scheduler is :func:`paper_scheduler`
+    (a warning names any key of ``scheduler/scheduler_config.json`` that disagrees with the paper's sampler).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
 
     root = resolve_local_model(path_or_id, "Versatile Diffusion weights", _VD_LAYOUT)
     source = str(path_or_id) if not Path(path_or_id).expanduser().exists() else PAPER.stage2.vd_model_id
     device = torch.device(device)
     dtype = _default_dtype(device, dtype)
-    modules = {}
-    for name, cls in [("image_unet", UNet2DConditionModel), ("text_unet", UNetFlatConditionModel),
-                      ("vae", AutoencoderKL)]:
-        variant = _weights_variant(root / name, source)
-        module = cls.from_pretrained(root, subfolder=name, torch_dtype=dtype, variant=variant, low_cpu_mem_usage=False,
-                                     local_files_only=True)
-        modules[name] = module.to(device).eval()
-    if not (root / "scheduler" / "scheduler_config.json").exists():
+    scheduler_cfg = root / "scheduler" / "scheduler_config.json"
+    if not scheduler_cfg.exists():
         raise FileNotFoundError(
             f"Versatile Diffusion weights: missing scheduler_config.json in {str(root / 'scheduler')!r}. "
             f"Expected a folder with {_VD_LAYOUT}. Get it with `hf download {source}`."
         )
-    # the hub's scheduler config may name another class: DDIM reads the same beta schedule from it
-    scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    classes = [("image_unet", UNet2DConditionModel), ("text_unet", UNetFlatConditionModel), ("vae", AutoencoderKL)]
+    variants = {}
+    for name, cls in classes:  # every file checked before any weights are read
+        variants[name] = _weights_variant(root / name, source)
+        _check_component(cls, root / name, variants[name], source)
+    scheduler = paper_scheduler(_read_config(scheduler_cfg, source), str(scheduler_cfg))
+    modules = {}
+    for name, cls in classes:
+        module = cls.from_pretrained(root, subfolder=name, torch_dtype=dtype, variant=variants[name],
+                                     low_cpu_mem_usage=False, local_files_only=True)
+        modules[name] = module.to(device).eval()
     return VDComponents(scheduler=scheduler, device=device, dtype=dtype, **modules)
 
 
@@ -302,11 +383,12 @@ class DualGuidedImg2Img:
         return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents (n, 4, h, w) -> uint8 images (n, h*f, w*f, 3)."""
+    def decode_latents(self, latents: torch.Tensor, truncate: bool = False) -> np.ndarray:
+        """Latents (n, 4, h, w) -> uint8 images (n, h*f, w*f, 3), rounded (or truncated, as the original's
+        ``ToPILImage``, when ``truncate``)."""
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
-        return (image.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255
+        return (image.floor() if truncate else image.round()).to(torch.uint8).cpu().numpy()
 
     def make_scheduler(self, num_inference_steps: int):
         """A fresh DDIM scheduler (copy of the loaded config) with its timesteps set: calls share no state."""
@@ -345,7 +427,8 @@ class DualGuidedImg2Img:
                  guidance_scale: float = PAPER.stage2.guidance_scale, vision_mix: float = PAPER.stage2.vision_mix,
                  eta: float = PAPER.stage2.ddim_eta, uncond_text: np.ndarray | None = None,
                  uncond_vision: np.ndarray | None = None, callback: StepCallback | None = None,
-                 preview_every: int = 0) -> np.ndarray:
+                 preview_every: int = 0, start_noise_offset: int = PAPER.stage2.start_noise_offset,
+                 truncate_output: bool = PAPER.stage2.truncate_output) -> np.ndarray:
         """Run dual-guided img2img; one image per seed.
 
         Parameters
@@ -362,6 +445,10 @@ class DualGuidedImg2Img:
         callback : ``callback(step, total, latents, preview)`` after each step (see :data:`StepCallback`);
             raise from it to interrupt.
         preview_every : decode a preview every this many steps (0: never).
+        start_noise_offset : noise the init latent to the timestep this many DDIM steps before the first
+            denoising one (0: t=721 with the paper's settings, as diffusers; 1: t=741, as the original sampler's
+            ``stochastic_encode``). Capped at the schedule's first timestep.
+        truncate_output : truncate instead of round when converting the final image to uint8 (the original).
 
         Returns
         -------
@@ -373,6 +460,9 @@ class DualGuidedImg2Img:
         init_images = np.asarray(init_images)
         self._check_inputs(init_images, text_embeddings, vision_embeddings, seeds, strength, num_inference_steps,
                            guidance_scale, vision_mix, eta, uncond_text, uncond_vision, preview_every)
+        if isinstance(start_noise_offset, bool) or not isinstance(start_noise_offset, int) or start_noise_offset < 0:
+            raise ValueError(f"'start_noise_offset' must be a non-negative integer (0 or the paper's 1); "
+                             f"{start_noise_offset!r} was provided")
         cfg = guidance_scale > 1.0
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
@@ -385,16 +475,18 @@ class DualGuidedImg2Img:
         # 4. Encode the init images (one posterior sample per item, from its own generator)
         latents = self.encode_images(init_images, generators)
 
-        # 5. Timesteps from index N - int(N * strength); noise the latents to the first of them
+        # 5. Timesteps from index N - int(N * strength); noise the latents to the first of them (or, with
+        #    start_noise_offset k, to the one k steps earlier, as the original sampler)
         scheduler = self.make_scheduler(num_inference_steps)
         t_start = num_inference_steps - int(num_inference_steps * strength)
         timesteps = scheduler.timesteps[t_start:]
+        t_noise = scheduler.timesteps[max(t_start - int(start_noise_offset), 0)]
         noise = randn_tensor(latents.shape, generator=generators, device=self.device, dtype=self.dtype)
-        latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(latents)))
+        latents = scheduler.add_noise(latents, noise, t_noise.reshape(1).repeat(len(latents)))
 
         # 6. Denoising loop with classifier-free guidance
         latents = self.denoise(latents, scheduler, timesteps, condition, guidance_scale, eta, generators,
                                callback, preview_every)
 
         # 7. Decode
-        return self.decode_latents(latents)
+        return self.decode_latents(latents, truncate=truncate_output)

@@ -10,6 +10,10 @@ Variants (the paper's ablations):
 Images are written as PNGs under ``out/images/<variant>/<73k id>.png`` as they are made, so an interrupted run
 resumes where it stopped; the metrics are then computed on all of them at once (2-way identification compares
 every reconstruction with every ground truth of the set).
+
+``paper=True`` (:data:`~brain_diffuser_core.config.PAPER_MODE`) reproduces the original scripts: test-set
+z-scoring, start noise at t=741, unconditional grey 127, truncated final images, the evaluation networks fed
+224 px bilinear images and SSIM as the published one (1-D columns; true 2-D SSIM is reported beside it).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .config import PAPER
+from .config import mode
 from .io import atomic_path, atomic_write_json
 from .seeding import seed_for
 
@@ -47,9 +51,16 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 
 
 def reconstruct_variants(diffuser, subject, out: Path, *, rows: Sequence[int], variants: Sequence[str] = VARIANTS,
-                         base_seed: int = 0, rescale: str = "train", batch_size: int = 4,
-                         progress: ProgressFn | None = None, **overrides) -> dict[str, list[Path]]:
-    """Make (or reuse) the PNGs of ``variants`` for test rows ``rows`` of ``subject``; returns their paths."""
+                         base_seed: int = 0, rescale: str | None = None, batch_size: int = 4,
+                         progress: ProgressFn | None = None, paper: bool = False,
+                         **overrides) -> dict[str, list[Path]]:
+    """Make (or reuse) the PNGs of ``variants`` for test rows ``rows`` of ``subject``; returns their paths.
+
+    ``paper``: the stage-2 settings and default rescaling of :data:`~brain_diffuser_core.config.PAPER_MODE`
+    (explicit ``rescale`` and ``overrides`` still win)."""
+    m = mode(paper)
+    rescale = m.rescale if rescale is None else rescale
+    overrides = {**(m.stage2_overrides() if paper else {}), **overrides}
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"'variants' must be a non-empty subset of {list(VARIANTS)}; {list(variants)} was provided")
@@ -92,25 +103,29 @@ def _stage2_only(diffuser, feats: Mapping[str, np.ndarray], seeds: Sequence[int]
     _, s2 = diffuser.stage_configs({k: v for k, v in overrides.items() if k != "strength"})
     models = diffuser.models
     n, size = len(seeds), models.image_size
-    grey = np.full((n, size, size, 3), PAPER.stage2.unconditional_grey, np.uint8)
+    grey = np.full((n, size, size, 3), s2.unconditional_grey, np.uint8)
     with models.lock:
         out = models.img2img(grey, feats["clip_text"], feats["clip_vision"], seeds=list(seeds), strength=1.0,
                              num_inference_steps=s2.num_inference_steps, guidance_scale=s2.guidance_scale,
                              vision_mix=s2.vision_mix, eta=s2.ddim_eta, uncond_text=models.uncond_text,
-                             uncond_vision=models.uncond_vision)
+                             uncond_vision=models.uncond_vision_for(s2.unconditional_grey),
+                             start_noise_offset=s2.start_noise_offset, truncate_output=s2.truncate_output)
     return list(out)
 
 
 def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] | None = None,
                     variants: Sequence[str] = VARIANTS, networks: Sequence[str] = ("clip", "efficientnet_lite0"),
                     network_kwargs: Mapping[str, Mapping] | None = None, pixel_size: int | None = None,
-                    base_seed: int = 0, rescale: str = "train", batch_size: int = 4,
-                    progress: ProgressFn | None = None, category_judge: CategoryScore | None = None,
+                    base_seed: int = 0, rescale: str | None = None, batch_size: int = 4,
+                    progress: ProgressFn | None = None, paper: bool = False,
+                    category_judge: CategoryScore | None = None,
                     **overrides) -> dict[str, dict[str, float]]:
     """Reconstruct (resumably) and score ``variants``; writes ``metrics.json``, ``metrics.csv``,
     ``per_image.csv`` and ``table.md`` under ``out``. Returns {variant: {metric: value}}.
 
     pixel_size : side for PixCorr/SSIM; default the stimuli's own size (425 for NSD, as the paper).
+    paper : reproduce the original scripts (module docstring); default: the project's improvements. Both SSIMs
+        are reported either way ("SSIM" is the mode's own).
     category_judge : ``(reconstructions uint8 (n, S, S, 3), 73k ids) -> float (n,)`` 1 where a reconstruction
         shows its original's category (e.g. :func:`world_category_score` on the MiniNSD demo); reported as
         the extra metric ``"Category"`` (a fraction).
@@ -121,24 +136,28 @@ def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] |
     rows = list(range(len(subject.test_image_ids))) if rows is None else [int(r) for r in rows]
     if len(rows) < 2:
         raise ValueError(f"'rows' must hold at least 2 test images (2-way identification); {len(rows)} given")
+    m = mode(paper)
+    rescale = m.rescale if rescale is None else rescale
     paths = reconstruct_variants(diffuser, subject, out, rows=rows, variants=variants, base_seed=base_seed,
-                                 rescale=rescale, batch_size=batch_size, progress=progress, **overrides)
+                                 rescale=rescale, batch_size=batch_size, progress=progress, paper=paper,
+                                 **overrides)
     ids = [int(subject.test_image_ids[r]) for r in rows]
     truths = np.stack([subject.image(i) for i in ids])
     size = pixel_size or truths.shape[1]
     summary, per_image = {}, {}
     for variant in variants:
         recons = np.stack([_png(p) for p in paths[variant]])
-        summary[variant], per_image[variant] = evaluate_images(recons, truths, networks,
-                                                               network_kwargs=network_kwargs, size=size)
+        summary[variant], per_image[variant] = evaluate_images(
+            recons, truths, networks, network_kwargs=network_kwargs, size=size, ssim_mode=m.ssim,
+            network_resample=m.network_resample)
         if category_judge is not None:
             right = np.asarray(category_judge(recons, ids), np.float64)
             summary[variant][CATEGORY_METRIC] = float(right.mean())
             per_image[variant][CATEGORY_METRIC] = right
-    label = f"ours ({{}}) subj {subject.subject}"
+    label = f"ours ({{}}{', paper mode' if paper else ''}) subj {subject.subject}"
     table = format_table({label.format(v): s for v, s in summary.items()})
     atomic_write_json(out / "metrics.json", {"subject": subject.subject, "n_images": len(ids), "rescale": rescale,
-                                             "pixel_size": size, "summary": summary})
+                                             "mode": m.name, "pixel_size": size, "summary": summary})
     metrics = list(next(iter(summary.values())))
     with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)

@@ -249,11 +249,13 @@ def comparison_rows(summary: Mapping[str, Mapping[str, float]], *, label: str = 
     stand-in network's label (e.g. "EffNet-Lite0") is compared with its paper column (e.g. "EffNet-B") with
     ``comparable`` False. Metrics without a paper column get our rows only.
     """
-    from .metrics import _REGISTRY, PAPER_TABLE
+    from .metrics import _REGISTRY, PAPER_TABLE, SSIM_COLUMNS_LABEL
 
     column_of = {s.label: (s.paper_column, not s.stand_in) for s in _REGISTRY.values() if s.paper_column}
     out: list[dict[str, Any]] = []
     metrics = list(dict.fromkeys(m for s in summary.values() for m in s))
+    if SSIM_COLUMNS_LABEL in metrics:  # our "SSIM" is then true 2-D SSIM; the published one is column-wise
+        column_of.update({"SSIM": ("SSIM", False), SSIM_COLUMNS_LABEL: ("SSIM", True)})
     for metric in metrics:
         for variant, s in summary.items():
             if metric in s:

@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
-__all__ = ["atomic_path", "atomic_dir", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_path", "atomic_dir", "atomic_write_json", "sha256_file", "state_mismatch"]
 
 
 @contextlib.contextmanager
@@ -89,3 +89,24 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         for chunk in iter(lambda: f.read(chunk_bytes), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def state_mismatch(found: Mapping[str, tuple], expected: Mapping[str, tuple], limit: int = 10) -> str | None:
+    """How a checkpoint's parameters differ from a model's: None if the names and shapes agree.
+
+    found, expected : parameter name -> shape (the file's; the model's). The text lists the first ``limit``
+    missing keys, unexpected keys and shape mismatches ("name: file (a, b) vs model (c, d)"), each with its
+    count, for error messages that say what was found and what was expected.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return None
+
+    def part(name, items):
+        more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+        return f"{len(items)} {name}: {items[:limit]}{more}"
+
+    return f"{part('missing keys', missing)}; {part('unexpected keys', unexpected)}; {part('shape mismatches', wrong)}"

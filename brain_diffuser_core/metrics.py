@@ -36,6 +36,7 @@ from .config import PAPER
 __all__ = [
     "pixcorr",
     "ssim",
+    "ssim_columns",
     "two_way_identification",
     "correlation_distance",
     "pearson_matrix",
@@ -65,6 +66,11 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 #: input size of the paper's feature networks
 NETWORK_INPUT_SIZE = 224
+#: per-image metric keys of the two SSIMs when both are reported (``"SSIM"`` is the mode's own)
+SSIM_2D_LABEL = "SSIM (2-D)"
+SSIM_COLUMNS_LABEL = "SSIM (paper's 1-D columns)"
+SSIM_MODES = ("2d", "columns")
+_RESAMPLE = ("bicubic", "bilinear")
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -106,13 +112,15 @@ def _check_size(size: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- resizing
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+def resize_images(images: np.ndarray, size: int, resample: str = "bicubic") -> np.ndarray:
     """Resize uint8 RGB images to ``size`` x ``size`` (PIL bicubic, as ``Image.resize`` by default).
 
     Parameters
     ----------
     images : numpy.ndarray, uint8, shape (n, H, W, 3)
     size : int, output side in pixels
+    resample : "bicubic" or "bilinear" (PIL's, antialiased when shrinking, as torchvision's ``Resize`` on PIL
+        images, which the original evaluation used)
 
     Returns
     -------
@@ -120,13 +128,16 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """
     images = _check_images("images", images)
     _check_size(size)
+    if resample not in _RESAMPLE:
+        raise ValueError(f"'resample' must be one of {list(_RESAMPLE)}; {resample!r} was provided")
     if images.shape[1:3] == (size, size):
         return images
     from PIL import Image
 
+    method = Image.Resampling.BICUBIC if resample == "bicubic" else Image.Resampling.BILINEAR
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, im in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+        out[i] = np.asarray(Image.fromarray(im).resize((size, size), method))
     return out
 
 
@@ -158,18 +169,26 @@ def pixcorr(recon: np.ndarray, truth: np.ndarray, size: int | None = PAPER.nsd.s
     -------
     numpy.ndarray, float32, shape (n,): r in [-1, 1]; 0 where either image is uniform (zero variance).
     """
+    def one(a: np.ndarray, b: np.ndarray) -> float:
+        a = a.reshape(-1).astype(np.float64)
+        b = b.reshape(-1).astype(np.float64)
+        a -= a.mean()
+        b -= b.mean()
+        den = math.sqrt(float(a @ a) * float(b @ b))
+        return float(a @ b) / den if den > 0 else 0.0
+
+    return _per_pair(recon, truth, size, one)
+
+
+def _per_pair(recon, truth, size: int | None, one: Callable[[np.ndarray, np.ndarray], float]) -> np.ndarray:
+    """``one(a, b)`` of each pair of uint8 (H, W, 3) images, both resized to ``size`` first: float32 (n,)."""
     recon, truth = _check_image_pair(recon, truth)
     _check_size(size)
     out = np.zeros(len(recon), dtype=np.float32)
     for i in range(len(recon)):
         a, b = _resized(recon[i], size), _resized(truth[i], size)
         _same_shape(i, a, b)
-        a = a.reshape(-1).astype(np.float64)
-        b = b.reshape(-1).astype(np.float64)
-        a -= a.mean()
-        b -= b.mean()
-        den = math.sqrt(float(a @ a) * float(b @ b))
-        out[i] = float(a @ b) / den if den > 0 else 0.0
+        out[i] = one(a, b)
     return out
 
 
@@ -178,19 +197,21 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return (image.astype(np.float64) / 255.0) @ np.asarray(GREY_WEIGHTS, dtype=np.float64)
 
 
-def _ssim_grey(x: np.ndarray, y: np.ndarray, sigma: float, data_range: float, truncate: float,
-               k1: float, k2: float) -> float:
-    """Mean SSIM of two float64 (H, W) images, skimage's algorithm (Gaussian weights, population covariance)."""
-    from scipy.ndimage import gaussian_filter
+def _ssim_map(x: np.ndarray, y: np.ndarray, sigma: float, data_range: float, truncate: float, k1: float,
+              k2: float, axes: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """skimage's SSIM map of two float64 (H, W) images, Gaussian filters along ``axes`` only; and the radius."""
+    from scipy.ndimage import gaussian_filter1d
 
     radius = int(truncate * sigma + 0.5)
     win = 2 * radius + 1
-    if min(x.shape) < win:
+    if min(x.shape[a] for a in axes) < win:
         raise ValueError(f"SSIM needs images of at least {win} x {win} px (a Gaussian window of sigma "
                          f"{sigma}); found {x.shape[1]} x {x.shape[0]}")
 
     def filt(img: np.ndarray) -> np.ndarray:
-        return gaussian_filter(img, sigma=sigma, truncate=truncate, mode="reflect")
+        for a in axes:  # a separable Gaussian: scipy's gaussian_filter is these 1-D passes
+            img = gaussian_filter1d(img, sigma=sigma, axis=a, truncate=truncate, mode="reflect")
+        return img
 
     ux, uy = filt(x), filt(y)
     vx = filt(x * x) - ux * ux
@@ -198,14 +219,34 @@ def _ssim_grey(x: np.ndarray, y: np.ndarray, sigma: float, data_range: float, tr
     vxy = filt(x * y) - ux * uy
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s, radius
+
+
+def _ssim_grey(x: np.ndarray, y: np.ndarray, sigma: float, data_range: float, truncate: float,
+               k1: float, k2: float) -> float:
+    """Mean SSIM of two float64 (H, W) images, skimage's algorithm (Gaussian weights, population covariance)."""
+    s, radius = _ssim_map(x, y, sigma, data_range, truncate, k1, k2, axes=(0, 1))
     # skimage ignores a strip of the window radius around the edges
     return float(s[radius:-radius, radius:-radius].mean(dtype=np.float64))
+
+
+def _ssim_grey_columns(x: np.ndarray, y: np.ndarray, sigma: float, data_range: float, truncate: float,
+                       k1: float, k2: float) -> float:
+    """Mean over columns of the 1-D SSIM of each column (float64 (H, W) images)."""
+    s, radius = _ssim_map(x, y, sigma, data_range, truncate, k1, k2, axes=(0,))
+    # each column's 1-D SSIM drops `radius` samples at both ends; every column has the same length, so the
+    # mean of the column means is the mean of the cropped map
+    return float(s[radius:-radius, :].mean(dtype=np.float64))
+
+
+def _ssim_pairs(recon, truth, size, one, **kw) -> np.ndarray:
+    return _per_pair(recon, truth, size, lambda a, b: one(_grey(a), _grey(b), **kw))
 
 
 def ssim(recon: np.ndarray, truth: np.ndarray, size: int | None = PAPER.nsd.stimulus_size, *,
          sigma: float = 1.5, data_range: float = 1.0, truncate: float = 3.5, k1: float = 0.01,
          k2: float = 0.03) -> np.ndarray:
-    """SSIM of grey images with Gaussian weights, as the paper computes it.
+    """SSIM of grey images with Gaussian weights: true 2-D SSIM (the paper's columns: :func:`ssim_columns`).
 
     Follows ``skimage.metrics.structural_similarity(grey_recon, grey_truth, gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=1.0)`` step for step (scikit-image is not a dependency):
@@ -225,14 +266,26 @@ def ssim(recon: np.ndarray, truth: np.ndarray, size: int | None = PAPER.nsd.stim
     -------
     numpy.ndarray, float32, shape (n,): mean SSIM per pair (1 for identical images).
     """
-    recon, truth = _check_image_pair(recon, truth)
-    _check_size(size)
-    out = np.zeros(len(recon), dtype=np.float32)
-    for i in range(len(recon)):
-        a, b = _resized(recon[i], size), _resized(truth[i], size)
-        _same_shape(i, a, b)
-        out[i] = _ssim_grey(_grey(a), _grey(b), sigma, data_range, truncate, k1, k2)
-    return out
+    return _ssim_pairs(recon, truth, size, _ssim_grey, sigma=sigma, data_range=data_range, truncate=truncate,
+                       k1=k1, k2=k2)
+
+
+def ssim_columns(recon: np.ndarray, truth: np.ndarray, size: int | None = PAPER.nsd.stimulus_size, *,
+                 sigma: float = 1.5, data_range: float = 1.0, truncate: float = 3.5, k1: float = 0.01,
+                 k2: float = 0.03) -> np.ndarray:
+    """The SSIM the paper published: the mean of 1-D SSIMs down the columns of the grey images.
+
+    The original calls ``structural_similarity(rgb2gray(a), rgb2gray(b), multichannel=True, ...)`` with the
+    scikit-image of its time; on a 2-D grey image ``multichannel=True`` takes the last axis (the 425 columns)
+    as channels, so each column is compared as a 1-D signal (Gaussian window of 11 samples down the column,
+    5 samples dropped at each end) and the column SSIMs are averaged. Same parameters as :func:`ssim`.
+
+    Returns
+    -------
+    numpy.ndarray, float32, shape (n,)
+    """
+    return _ssim_pairs(recon, truth, size, _ssim_grey_columns, sigma=sigma, data_range=data_range,
+                       truncate=truncate, k1=k1, k2=k2)
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -579,6 +632,38 @@ def _inception_factory(device: str = "cpu", batch_size: int = 32) -> TorchImageN
     return TorchImageNetwork("inception_v3", model, model.avgpool, batch_size=batch_size, device=device)
 
 
+#: SwAV's pretraining heads, absent from a classification ResNet-50 and not used for avgpool features
+_SWAV_HEADS = ("projection_head.", "prototypes.")
+#: ResNet-50 parameters a SwAV checkpoint has no values for (the classifier, after avgpool)
+_SWAV_UNTRAINED = ("fc.weight", "fc.bias")
+
+
+def _checked_swav_state(state: Any, model: Any, path: str | os.PathLike) -> dict:
+    """The SwAV state dict to load into ``model`` (a ResNet-50), its keys checked: raises naming the file and
+    the first mismatched keys, never loads a partial (silently random) network."""
+    import torch
+
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"SwAV weights {str(path)!r} must hold a state dict of tensors (optionally under "
+                         f"'state_dict'); found {type(state).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(_SWAV_HEADS)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in _SWAV_UNTRAINED}
+    found = {k: tuple(v.shape) for k, v in state.items() if k not in _SWAV_UNTRAINED}
+    from .io import state_mismatch
+
+    diff = state_mismatch(found, expected)
+    if diff:
+        raise ValueError(
+            f"SwAV weights {str(path)!r} do not match torchvision's ResNet-50 (expected the backbone keys "
+            f"'conv1.weight', 'bn1.*', 'layer1..4.*', optionally prefixed 'module.', plus SwAV's "
+            f"{list(_SWAV_HEADS)} heads): {diff}. Use facebookresearch/swav's 'swav_800ep_pretrain.pth.tar'."
+        )
+    return state
+
+
 def _swav_factory(weights_path: str | os.PathLike | None = None, device: str = "cpu",
                   batch_size: int = 32) -> TorchImageNetwork:
     models = _torchvision("swav")
@@ -588,11 +673,11 @@ def _swav_factory(weights_path: str | os.PathLike | None = None, device: str = "
                                 f"{weights_path!r} was provided")
     import torch
 
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     model = models.resnet50(weights=None)
-    model.load_state_dict(state, strict=False)
+    state = _checked_swav_state(torch.load(weights_path, map_location="cpu", weights_only=True), model, weights_path)
+    # strict=False only for fc (untrained by SwAV, after the avgpool read here); every other key was checked
+    result = model.load_state_dict(state, strict=False)
+    assert set(result.missing_keys) <= set(_SWAV_UNTRAINED) and not result.unexpected_keys, result
     return TorchImageNetwork("swav", model, model.avgpool, batch_size=batch_size, device=device)
 
 
@@ -616,7 +701,8 @@ register_network("swav", _swav_factory, metric="distance", label="SwAV", paper_c
 def evaluate_images(recons: np.ndarray, truths: np.ndarray,
                     networks: Sequence[str | FeatureNetwork] = (), *,
                     network_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-                    size: int | None = PAPER.nsd.stimulus_size,
+                    size: int | None = PAPER.nsd.stimulus_size, ssim_mode: str = "2d",
+                    network_resample: str = "bicubic",
                     ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The paper's columns for a set of reconstructions.
 
@@ -627,21 +713,33 @@ def evaluate_images(recons: np.ndarray, truths: np.ndarray,
         ``name`` so that its metric is known). Empty: pixel metrics only.
     network_kwargs : keyword arguments per registry name, e.g. ``{"clip": {"path": "/models/clip"}}``.
     size : side in px for PixCorr and SSIM (the paper: 425).
+    ssim_mode : which SSIM is ``"SSIM"``: "2d" (:func:`ssim`, the default) or "columns" (:func:`ssim_columns`,
+        what the paper published); the other one is reported too, under :data:`SSIM_COLUMNS_LABEL` or
+        :data:`SSIM_2D_LABEL`.
+    network_resample : how images are brought to each network's input size: "bicubic" (each network's own
+        preprocessing) or "bilinear" (the original evaluation's ``transforms.Resize``), applied first.
 
     Returns
     -------
     summary : dict[str, float]
-        ``"PixCorr"``, ``"SSIM"`` (means) and, per network, its label (e.g. ``"CLIP"``, ``"EffNet-Lite0"``):
-        the mean 2-way accuracy as a fraction (0.915 = 91.5 %) or the mean correlation distance.
+        ``"PixCorr"``, ``"SSIM"``, the other SSIM (means) and, per network, its label (e.g. ``"CLIP"``,
+        ``"EffNet-Lite0"``): the mean 2-way accuracy as a fraction (0.915 = 91.5 %) or the mean correlation
+        distance.
     per_image : dict[str, numpy.ndarray]
         The same keys, each a float32 (n,) array of per-image values.
     """
     recons, truths = _check_image_pair(recons, truths)
+    if ssim_mode not in SSIM_MODES:
+        raise ValueError(f"'ssim_mode' must be one of {list(SSIM_MODES)}; {ssim_mode!r} was provided")
+    if network_resample not in _RESAMPLE:
+        raise ValueError(f"'network_resample' must be one of {list(_RESAMPLE)}; {network_resample!r} was provided")
     network_kwargs = dict(network_kwargs or {})
-    per_image: dict[str, np.ndarray] = {
-        "PixCorr": pixcorr(recons, truths, size),
-        "SSIM": ssim(recons, truths, size),
-    }
+    two_d, columns = ssim(recons, truths, size), ssim_columns(recons, truths, size)
+    per_image: dict[str, np.ndarray] = {"PixCorr": pixcorr(recons, truths, size)}
+    if ssim_mode == "2d":
+        per_image.update({"SSIM": two_d, SSIM_COLUMNS_LABEL: columns})
+    else:
+        per_image.update({"SSIM": columns, SSIM_2D_LABEL: two_d})
     for net in networks:
         if isinstance(net, str):
             spec = network_spec(net)
@@ -651,7 +749,10 @@ def evaluate_images(recons: np.ndarray, truths: np.ndarray,
                 raise TypeError(f"'networks' must hold registry names or FeatureNetwork objects; "
                                 f"found {type(net).__name__}")
             spec = network_spec(net.name)
-        fr, ft = net(recons), net(truths)
+        if network_resample == "bicubic":
+            fr, ft = net(recons), net(truths)
+        else:  # brought to the input size first; the network's own resize is then a no-op
+            fr, ft = (net(resize_images(x, net.input_size, network_resample)) for x in (recons, truths))
         if spec.metric == "2-way":
             per_image[spec.label] = two_way_identification(fr, ft)
         else:
@@ -719,6 +820,14 @@ def format_table(rows: Mapping[str, Mapping[str, float]], include_paper: bool = 
     if include_paper:
         for method, row in PAPER_TABLE.items():
             lines.append(f"| {method} (published) | " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |")
+    ssim_notes = {SSIM_COLUMNS_LABEL: "our SSIM column is true 2-D SSIM; the published SSIM is the mean of 1-D "
+                                      f"SSIMs down the image columns (the original's skimage call), given as "
+                                      f"'{SSIM_COLUMNS_LABEL}'",
+                  SSIM_2D_LABEL: "our SSIM column is computed as the published one (mean of 1-D SSIMs down the "
+                                 f"columns, paper mode); true 2-D SSIM is given as '{SSIM_2D_LABEL}'"}
+    for label, note in ssim_notes.items():
+        if any(label in r for r in rows.values()):
+            lines.append(f"\nSSIM: {note}.")
     for lab in sorted(used):
         s = stand_ins[lab]
         lines.append(f"\n\\* {s.paper_column} column of our rows: {lab} ({s.description}); "

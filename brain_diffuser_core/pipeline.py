@@ -15,6 +15,9 @@ Differences from the original scripts, on purpose:
 * every item has its own seed, by default derived from its 73k image id (or pattern name), so a
   reconstruction reproduces alone whatever batch or loop it ran in.
 
+``BrainDiffuser(..., paper=True)`` (:data:`~brain_diffuser_core.config.PAPER_MODE`) undoes the departures that
+change numbers: test-set z-scoring, start noise at t=741, unconditional grey 127, truncated final images.
+
 Synthetic ROI patterns follow the paper: the raw pattern (1 inside the ROI, 0 elsewhere, not z-scored) goes
 through the decoders without rescaling, and each predicted feature vector is re-normalised to the mean
 Euclidean norm of the training features; the subject average is the mean of the subjects' predicted features.
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from .bundle import Bundle, BundleError, load_bundle
-from .config import FEATURE_NAMES, PAPER, StageOneConfig, StageTwoConfig
+from .config import FEATURE_NAMES, PAPER, StageOneConfig, StageTwoConfig, mode
 from .seeding import seed_for
 
 __all__ = ["Reconstruction", "GenerativeModels", "BrainDiffuser", "GenerationError", "GenerationQueue",
@@ -193,21 +196,37 @@ class GenerativeModels:
     """VDVAE, CLIP (for the unconditional embeddings) and Versatile Diffusion, loaded once on one device.
 
     Build with :meth:`from_references` (paths or Hugging Face ids, as stored in a bundle's manifest).
-    ``image_size`` (S) is the stage-2 resolution: UNet sample size x VAE factor (512 for Versatile Diffusion).
+    ``image_size`` (S) is the stage-2 resolution: UNet sample size x VAE factor (512 for Versatile Diffusion;
+    the paper's 512 when the UNet config has no ``sample_size``, as diffusers' conversion script can leave it).
+    ``uncond_vision`` : (257, D) of the grey ``PAPER.stage2.unconditional_grey``, or {grey value: (257, D)}
+    (:meth:`from_references` gives 128 and the paper's 127).
     """
 
-    def __init__(self, vdvae, img2img, uncond_text: np.ndarray, uncond_vision: np.ndarray):
+    def __init__(self, vdvae, img2img, uncond_text: np.ndarray, uncond_vision):
         self.vdvae = vdvae
         self.img2img = img2img
         self.uncond_text = uncond_text
-        self.uncond_vision = uncond_vision
+        by_grey = dict(uncond_vision) if isinstance(uncond_vision, Mapping) else {
+            PAPER.stage2.unconditional_grey: uncond_vision}
+        self._uncond_vision = {int(k): v for k, v in by_grey.items()}
+        self.uncond_vision = self._uncond_vision.get(PAPER.stage2.unconditional_grey,
+                                                     next(iter(self._uncond_vision.values())))
         unet = img2img.image_unet
-        self.image_size = int(unet.config.sample_size) * int(img2img.vae_scale_factor)
+        sample_size = getattr(unet.config, "sample_size", None)
+        self.image_size = (int(sample_size) * int(img2img.vae_scale_factor) if sample_size
+                           else PAPER.stage2.image_size)
         self.device = img2img.device
         self.dtype = img2img.dtype
         # the dual transformers' mix ratio lives on the shared UNet: one generation at a time per process,
         # first come first served; waiting callers learn their place (GenerationQueue)
         self.lock = GenerationQueue()
+
+    def uncond_vision_for(self, grey: int) -> np.ndarray:
+        """The unconditional CLIP-vision embedding (257, D) of a uniform grey image of value ``grey``."""
+        if int(grey) not in self._uncond_vision:
+            raise ValueError(f"no unconditional vision embedding for grey {grey!r}; these models hold "
+                             f"{sorted(self._uncond_vision)} (GenerativeModels.from_references makes 128 and 127)")
+        return self._uncond_vision[int(grey)]
 
     @classmethod
     def from_references(cls, models: Mapping[str, Mapping[str, str]], device: str | torch.device = "auto",
@@ -233,7 +252,9 @@ class GenerativeModels:
         components = load_versatile_diffusion(where("versatile_diffusion"), device=device, dtype=dtype)
         clip = ClipFeatureExtractor.from_pretrained(where("clip" if "clip" in models else "versatile_diffusion"),
                                                     device=device)
-        return cls(vdvae, DualGuidedImg2Img(components), clip.unconditional_text(), clip.unconditional_vision())
+        greys = {PAPER.stage2.unconditional_grey, mode(paper=True).unconditional_grey}
+        return cls(vdvae, DualGuidedImg2Img(components), clip.unconditional_text(),
+                   {g: clip.unconditional_vision(grey=g) for g in sorted(greys)})
 
     def generate(self, features: Mapping[str, np.ndarray], *, seeds: Sequence[int],
                  stage1: StageOneConfig = PAPER.stage1, stage2: StageTwoConfig = PAPER.stage2,
@@ -270,8 +291,9 @@ class GenerativeModels:
                     upscaled, features["clip_text"], features["clip_vision"], seeds=list(seeds),
                     strength=stage2.strength, num_inference_steps=stage2.num_inference_steps,
                     guidance_scale=stage2.guidance_scale, vision_mix=stage2.vision_mix, eta=stage2.ddim_eta,
-                    uncond_text=self.uncond_text, uncond_vision=self.uncond_vision,
-                    callback=step_cb, preview_every=preview_every)
+                    uncond_text=self.uncond_text, uncond_vision=self.uncond_vision_for(stage2.unconditional_grey),
+                    callback=step_cb, preview_every=preview_every, start_noise_offset=stage2.start_noise_offset,
+                    truncate_output=stage2.truncate_output)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t_stage2 = time.perf_counter() - t2
@@ -296,19 +318,23 @@ class BrainDiffuser:
     models : :class:`GenerativeModels`; default: loaded from the bundle's model references.
     device : "auto", "cpu", "cuda", ...; used when ``models`` is loaded here and for decoder predictions.
     stage1, stage2 : defaults for every call (the paper's, :data:`~brain_diffuser_core.config.PAPER`).
+    paper : reproduce the original scripts (:data:`~brain_diffuser_core.config.PAPER_MODE`): ``stage2`` gets
+        the mode's stage-2 fields and the default ``rescale`` is "paper" (z-score across the whole test set:
+        pass every test trial in one call).
     """
 
     def __init__(self, bundle: Bundle | str | Path, models: GenerativeModels | None = None, *,
                  device: str | torch.device = "auto", stage1: StageOneConfig = PAPER.stage1,
-                 stage2: StageTwoConfig = PAPER.stage2):
+                 stage2: StageTwoConfig = PAPER.stage2, paper: bool = False):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         missing = [f for f in FEATURE_NAMES if f not in self.bundle.features]
         if missing:
             raise BundleError(f"bundle {self.bundle.path} has no decoders for {missing}; it has {self.bundle.features}")
         self.models = models if models is not None else GenerativeModels.from_references(self.bundle.models, device)
         self.device = self.models.device
+        self.mode = mode(paper)
         self.stage1 = stage1
-        self.stage2 = stage2
+        self.stage2 = replace(stage2, **self.mode.stage2_overrides()) if paper else stage2
 
     # ------------------------------------------------------------------------------------ features
     def _check_fmri(self, fmri, subject: int, what: str) -> np.ndarray:
@@ -326,12 +352,14 @@ class BrainDiffuser:
                              "replace them (e.g. with 0) before decoding")
         return x
 
-    def predict_features(self, fmri, subject: int, *, rescale: str = "train") -> dict[str, np.ndarray]:
+    def predict_features(self, fmri, subject: int, *, rescale: str | None = None) -> dict[str, np.ndarray]:
         """Decode z-scored trial fMRI (n, n_voxels) -> {feature: float32 (n, *feature_shape)}.
 
-        ``rescale``: "train" (default; leave-one-out train statistics), "paper" (z-score across this batch, as
-        the original; needs the whole test set in one batch), or "none".
+        ``rescale``: "train" (leave-one-out train statistics), "paper" (z-score across this batch, as the
+        original; needs the whole test set in one batch), or "none"; default: this diffuser's mode's ("train",
+        or "paper" with ``paper=True``).
         """
+        rescale = self.mode.rescale if rescale is None else rescale
         x = self._check_fmri(fmri, subject, "fmri")
         out = {}
         for name in FEATURE_NAMES:
@@ -378,7 +406,7 @@ class BrainDiffuser:
 
     # ------------------------------------------------------------------------------------ generation
     def reconstruct(self, fmri, subject: int, *, image_ids: Sequence[int] | None = None,
-                    seeds: Sequence[int] | None = None, base_seed: int = 0, rescale: str = "train",
+                    seeds: Sequence[int] | None = None, base_seed: int = 0, rescale: str | None = None,
                     run_stage2: bool = True, callback: ProgressCallback | None = None, preview_every: int = 0,
                     on_wait: WaitCallback | None = None, **overrides) -> list[Reconstruction]:
         """Reconstruct trials: z-scored fMRI (n, n_voxels) of ``subject`` -> n :class:`Reconstruction`.
@@ -393,6 +421,7 @@ class BrainDiffuser:
             (:class:`GenerationQueue`).
         """
         t0 = time.perf_counter()
+        rescale = self.mode.rescale if rescale is None else rescale
         features = self.predict_features(fmri, subject, rescale=rescale)
         n = len(features["vdvae"])
         ids = list(range(n)) if image_ids is None else [int(i) for i in image_ids]
@@ -464,7 +493,9 @@ class BrainDiffuser:
                    "total": feature_seconds + t_stage1 + t_stage2}
         settings = {"temperature": s1.temperature, "stage1_output": s1.output, "strength": s2.strength, "guidance_scale": s2.guidance_scale,
                     "vision_mix": s2.vision_mix, "num_inference_steps": s2.num_inference_steps,
-                    "denoising_steps": s2.denoising_steps, **(extra_settings or {})}
+                    "denoising_steps": s2.denoising_steps, "start_noise_offset": s2.start_noise_offset,
+                    "unconditional_grey": s2.unconditional_grey, "truncate_output": s2.truncate_output,
+                    **(extra_settings or {})}
         return [
             Reconstruction(key=keys[i], seed=seeds[i], stage1=stage1[i], stage1_upscaled=upscaled[i],
                            final=None if final is None else final[i],

@@ -12,10 +12,21 @@ With ``Xc = X - mean(X)`` (n, p) and the eigendecomposition of the kernel ``K = 
     leave-one-out prediction  loo_i = y_i - r_i / (1 - H_ii),   r = y - y_hat (train residuals)
 
 The kernel form suits fMRI decoding, where n (8,859 train images) < p (up to 15,724 voxels). Per alpha, the
-projector ``Xc^T (K + alpha I)^-1`` (p, n) is built once (O(p n^2)); the targets (up to 197,376 columns) are
-then streamed in column batches of ``n_targets_batch``, costing 2 p n flops per target for the weights and
-2 m n for the leave-one-out statistics on m rows (m = n by default). Peak memory is
-O(n*p + n^2 + (n + p) * n_targets_batch) plus the stored weights, never the float32 p x n_targets matrix.
+projector ``H = Xc^T (K + alpha I)^-1`` (p, n) is built once (O(p n^2)); the targets (up to 197,376 columns) are
+then streamed in column batches of ``n_targets_batch``, costing 2 p n flops per target for the weights
+(``W = H Yc``, one target-sized product) and 2 m n for the leave-one-out statistics on m rows (m = n by
+default; an int ``loo_stats`` samples m rows). Peak memory is O(n*p + n^2 + (n + p) * n_targets_batch) plus
+the stored weights, never the float32 p x n_targets matrix.
+
+Two factorisations (:func:`factorise`, ``method``):
+
+- ``"eigh"``: the eigendecomposition ``K = U diag(lam) U^T`` serves every alpha at once (``choose_alpha``'s
+  cross-validation over a grid, and the low-rank factors); O(n^3) with a large constant (a symmetric
+  eigensolver, partly matrix-vector bound) plus ``Xc^T U`` (2 p n^2).
+- ``"kernel"``: for alphas fixed in advance (the paper's), only ``K`` is kept; per alpha a Cholesky inverse of
+  ``K + alpha I`` (n^3 / 3 + n^3, matrix-matrix bound) gives H, the hat diagonal ``1 + 1/n - alpha
+  diag((K + alpha I)^-1)`` and the hat rows ``I - alpha (K + alpha I)^-1`` the leave-one-out statistics need.
+  No eigendecomposition. What :func:`fit_ridge` uses for full weights when given X itself.
 
 Storage (:class:`RidgeDecoder`): float16 (default) or float32 weights with a float32 scale per column, so
 small weights (CLIP features are ~1e-2) do not underflow float16; optionally low rank ``W ~ A @ B``. The
@@ -32,7 +43,7 @@ from a callable or a memmap, do not give leave-one-out prediction statistics (ne
 test-set statistics), nor low-rank or float16 storage. The algebra here is the same as its "eigenvalues"
 solver; the backends follow its numpy / torch / torch_cuda switch.
 
-Prediction rescaling (``RidgeDecoder.predict(X, rescale=...)``):
+Prediction rescaling (``RidgeDecoder.predict(X, rescale=...)``; plain ridge, ``"none"``, unless asked):
 
 - ``"train"``: z-score with the per-target mean/std of the leave-one-out predictions on the TRAIN data,
   then map to the train target mean/std. Uses no test statistics; works for a single trial.
@@ -56,6 +67,7 @@ __all__ = [
     "RESCALE_MODES",
     "RidgeFactorisation",
     "RidgeDecoder",
+    "FACTORISATIONS",
     "factorise",
     "fit_ridge",
     "choose_alpha",
@@ -79,8 +91,9 @@ class _NumpyOps:
             a = a.detach().cpu().numpy()
         return np.ascontiguousarray(np.asarray(a), dtype=np.float32)
 
-    def to_torch(self, a) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a))
+    def to_torch(self, a, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t if dtype is None else t.to(dtype)
 
     def eigh(self, a):
         return np.linalg.eigh(a)
@@ -100,6 +113,24 @@ class _NumpyOps:
     def index(self, a, rows: np.ndarray):
         return a[rows]
 
+    def cho_inverse(self, a):
+        """Inverse of a symmetric positive definite matrix (overwritten) through its Cholesky factor."""
+        from scipy.linalg import lapack
+
+        c, info = lapack.spotrf(a, lower=1, overwrite_a=1)
+        if info == 0:
+            c, info = lapack.spotri(c, lower=1, overwrite_c=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"Cholesky inverse failed (LAPACK info {info}): K + alpha I is not "
+                                        "positive definite in float32; use a larger alpha or method='eigh'")
+        return np.tril(c) + np.tril(c, -1).T
+
+    def diagonal(self, a):
+        return np.ascontiguousarray(np.diagonal(a))
+
+    def diagonal_add(self, a, value: float) -> None:
+        a[np.diag_indices_from(a)] += np.float32(value)
+
 
 class _TorchOps:
     def __init__(self, device: str):
@@ -111,8 +142,9 @@ class _TorchOps:
             a = torch.from_numpy(np.ascontiguousarray(np.asarray(a), dtype=np.float32))
         return a.to(device=self.device, dtype=torch.float32)
 
-    def to_torch(self, a) -> torch.Tensor:
-        return a.detach().cpu()
+    def to_torch(self, a, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # cast on the device first: a float16 block crosses to the host at half the bytes
+        return (a.detach() if dtype is None else a.detach().to(dtype)).cpu()
 
     def eigh(self, a):
         return torch.linalg.eigh(a)
@@ -131,6 +163,20 @@ class _TorchOps:
 
     def index(self, a, rows: np.ndarray):
         return a[torch.as_tensor(rows, device=self.device)]
+
+    def cho_inverse(self, a):
+        """Inverse of a symmetric positive definite matrix through its Cholesky factor."""
+        L, info = torch.linalg.cholesky_ex(a)
+        if int(info) != 0:
+            raise torch.linalg.LinAlgError(f"Cholesky inverse failed (leading minor {int(info)}): K + alpha I is "
+                                           "not positive definite in float32; use a larger alpha or method='eigh'")
+        return torch.cholesky_inverse(L)
+
+    def diagonal(self, a):
+        return torch.diagonal(a).contiguous()
+
+    def diagonal_add(self, a, value: float) -> None:
+        a.diagonal().add_(float(value))
 
 
 def _get_ops(backend: str):
@@ -173,20 +219,24 @@ class _Targets:
             self.n_targets = int(shape[1])
         self.n_samples = n_samples
 
-    def get(self, start: int, stop: int) -> np.ndarray:
+    def get(self, start: int, stop: int):
+        """float32 (n, stop - start): numpy, or a torch tensor left on its device (a GPU source stays there)."""
         if self._fn is not None:
             block = self._fn(start, stop)
         else:
             block = self._Y[:, start:stop]
         if isinstance(block, torch.Tensor):
-            block = block.detach().cpu().numpy()
-        block = np.asarray(block, dtype=np.float32)
-        if block.shape != (self.n_samples, stop - start):
+            block = block.detach().float()
+            finite = bool(torch.isfinite(block).all())
+        else:
+            block = np.asarray(block, dtype=np.float32)
+            finite = bool(np.all(np.isfinite(block)))
+        if tuple(block.shape) != (self.n_samples, stop - start):
             raise ValueError(
                 f"'Y' batch [{start}:{stop}] must have shape {(self.n_samples, stop - start)}; "
-                f"{block.shape} was provided"
+                f"{tuple(block.shape)} was provided"
             )
-        if not np.all(np.isfinite(block)):
+        if not finite:
             raise ValueError(f"'Y' batch [{start}:{stop}] contains NaN or infinite values")
         return block
 
@@ -199,43 +249,94 @@ class _Targets:
 # ---------------------------------------------------------------------------------------- factorisation
 @dataclass
 class RidgeFactorisation:
-    """The kernel eigendecomposition of centred X, shared by every target and alpha.
+    """Centred X reduced to what every target and alpha share (see :func:`factorise`).
 
     Attributes
     ----------
     x_mean : (p,) float32 column means of X (on the backend).
-    XtU : (p, n) float32 ``Xc^T U`` (on the backend); weights are ``XtU @ diag(1/(lam+alpha)) U^T Yc``.
+    method : "eigh" (``XtU``, ``lam``, ``U`` set) or "kernel" (``Xc``, ``K`` set).
+    XtU : (p, n) float32 ``Xc^T U``; weights are ``XtU @ diag(1/(lam+alpha)) U^T Yc``.
     lam : (n,) float32 eigenvalues of ``Xc Xc^T`` (clipped at 0), ascending.
     U : (n, n) float32 eigenvectors.
+    Xc : (n, p) float32 centred X;  K : (n, n) float32 ``Xc Xc^T``.
     """
 
     ops: Any
     x_mean: Any
-    XtU: Any
-    lam: Any
-    U: Any
+    XtU: Any = None
+    lam: Any = None
+    U: Any = None
+    Xc: Any = None
+    K: Any = None
+
+    @property
+    def method(self) -> str:
+        return "eigh" if self.U is not None else "kernel"
 
     @property
     def n_samples(self) -> int:
-        return int(self.U.shape[0])
+        return int((self.U if self.U is not None else self.K).shape[0])
 
     @property
     def n_features(self) -> int:
-        return int(self.XtU.shape[0])
+        return int(self.XtU.shape[0] if self.XtU is not None else self.Xc.shape[1])
+
+    def _need_eigh(self, what: str) -> None:
+        if self.method != "eigh":
+            raise ValueError(f"{what} needs the eigendecomposition: factorise(X, method='eigh'); this factorisation "
+                             "was made with method='kernel' (one fixed alpha at a time)")
 
     def hat_diag(self, alpha: float):
-        """Diagonal of the hat matrix (with intercept), (n,) float32."""
+        """Diagonal of the hat matrix (with intercept), (n,) float32 (``method="eigh"``)."""
+        self._need_eigh("hat_diag")
         d = self.lam / (self.lam + alpha)
         return (self.U * self.U) @ d + 1.0 / self.n_samples
 
+    def alpha_operators(self, alpha: float, rows: np.ndarray | None, need_projector: bool = True):
+        """What one alpha needs: ``(H, h_rows, H_rows)``.
 
-def factorise(X, *, backend: str = "auto") -> RidgeFactorisation:
-    """Centre X (n, p) and eigendecompose its n x n kernel, once for all targets and alphas.
+        H : (p, n) ``Xc^T (K + alpha I)^-1`` (weights ``W = H Yc``), or None when not ``need_projector``;
+        h_rows : (m,) ``1 / (1 - hat_ii)`` for the leave-one-out rows (None if ``rows`` is None);
+        H_rows : (m, n) those rows of the centred hat matrix ``K (K + alpha I)^-1`` (None likewise).
+        """
+        ops, n = self.ops, self.n_samples
+        if self.method == "eigh":
+            inv = 1.0 / (self.lam + alpha)
+            proj = (self.XtU * inv) @ self.U.T if need_projector else None
+            if rows is None:
+                return proj, None, None
+            h_rows = ops.index(1.0 / (1.0 - self.hat_diag(alpha)), rows)
+            H_rows = (ops.index(self.U, rows) * (self.lam * inv)) @ self.U.T
+            return proj, h_rows, H_rows
+        A = self.K * 1.0  # a copy: the Cholesky inverse works in place
+        ops.diagonal_add(A, alpha)
+        Ainv = ops.cho_inverse(A)
+        del A
+        proj = self.Xc.T @ Ainv if need_projector else None
+        if rows is None:
+            return proj, None, None
+        one_minus_hat = alpha * ops.diagonal(Ainv) - 1.0 / n  # 1 - (1 + 1/n - alpha diag(Ainv))
+        h_rows = ops.index(1.0 / one_minus_hat, rows)
+        unit = np.zeros((len(rows), n), dtype=np.float32)
+        unit[np.arange(len(rows)), rows] = 1.0
+        H_rows = ops.asarray(unit) - alpha * ops.index(Ainv, rows)
+        return proj, h_rows, H_rows
 
-    Cost O(n^2 p + n^3); memory about 4 * (n p + 2 n^2) bytes (X itself is not kept).
+
+FACTORISATIONS: tuple[str, ...] = ("eigh", "kernel")
+
+
+def factorise(X, *, backend: str = "auto", method: str = "eigh") -> RidgeFactorisation:
+    """Centre X (n, p) and reduce it once for all targets: ``method`` "eigh" (every alpha: cross-validation,
+    low rank) or "kernel" (alphas fixed in advance; no eigendecomposition). See the module docstring.
+
+    Cost: "eigh" O(n^2 p + n^3) (the eigensolver); "kernel" 2 n^2 p here, then n^3 per alpha in the fit.
+    Memory about 4 * (n p + 2 n^2) bytes (X itself is not kept).
     """
     if isinstance(X, RidgeFactorisation):
         return X
+    if method not in FACTORISATIONS:
+        raise ValueError(f"'method' must be one of {list(FACTORISATIONS)}; {method!r} was provided")
     ops = _get_ops(backend)
     shape = tuple(X.shape)
     if len(shape) != 2 or shape[0] < 2:
@@ -247,6 +348,8 @@ def factorise(X, *, backend: str = "auto") -> RidgeFactorisation:
     Xc = Xb - x_mean
     del Xb
     K = Xc @ Xc.T
+    if method == "kernel":
+        return RidgeFactorisation(ops=ops, x_mean=x_mean, Xc=Xc, K=K)
     lam, U = ops.eigh(K)
     del K
     lam = ops.maximum(lam, 0.0)
@@ -364,11 +467,12 @@ class RidgeDecoder:
         return (t["factor_a"].float() * t["factor_a_scale"]) @ (t["factor_b"].float() * t["factor_b_scale"])
 
     # -- prediction
-    def predict(self, X, rescale: str = "train", *, n_targets_batch: int = 4096, device: str = "cpu") -> np.ndarray:
+    def predict(self, X, rescale: str = "none", *, n_targets_batch: int = 4096, device: str = "cpu") -> np.ndarray:
         """Predict targets for X (m, p). Returns float32 numpy (m, n_targets).
 
-        ``rescale``: one of ``"train"`` (leave-one-out train statistics; no test peeking), ``"paper"`` (z-score
-        across this batch of predictions, as in the original scripts) or ``"none"``.
+        ``rescale``: ``"none"`` (default: the plain ridge prediction ``(X - x_mean) W + y_mean``), ``"train"``
+        (leave-one-out train statistics; no test peeking) or ``"paper"`` (z-score across this batch of
+        predictions, as in the original scripts). Callers that rescale say so (the pipeline does).
         """
         if rescale not in RESCALE_MODES:
             raise ValueError(f"'rescale' must be one of {list(RESCALE_MODES)}; {rescale!r} was provided")
@@ -440,7 +544,9 @@ def fit_ridge(
 
     Parameters
     ----------
-    X : array (n, p) float, or a :class:`RidgeFactorisation` from :func:`factorise` (reused across calls).
+    X : array (n, p) float, or a :class:`RidgeFactorisation` from :func:`factorise` (reused across calls;
+        ``method="kernel"`` for alphas fixed in advance, "eigh" for low rank). Given X itself, full weights use
+        the kernel factorisation (no eigendecomposition) and low rank the eigendecomposition.
     Y : array-like (n, n_targets) sliceable by columns (numpy array, memmap, h5py dataset, tensor), or a
         callable ``Y(start, stop) -> (n, stop - start)`` together with ``n_targets``.
     alpha : ridge penalty (> 0).
@@ -466,7 +572,8 @@ def fit_ridge(
     if int(n_targets_batch) < 1:
         raise ValueError(f"'n_targets_batch' must be >= 1; {n_targets_batch!r} was provided")
     alpha = _check_alpha(alpha)
-    fact = X if isinstance(X, RidgeFactorisation) else factorise(X, backend=backend)
+    fact = X if isinstance(X, RidgeFactorisation) else factorise(
+        X, backend=backend, method="kernel" if rank is None else "eigh")
     ops = fact.ops
     n = fact.n_samples
     targets = _Targets(Y, n, n_targets)
@@ -477,13 +584,11 @@ def fit_ridge(
         raise ValueError(f"'rank' must be between 1 and n_samples={n}; {rank!r} was provided")
     wdt = _WEIGHT_DTYPES[dtype]
     rows = _loo_rows(n, loo_stats)
-    lam, U, XtU = fact.lam, fact.U, fact.XtU
-    inv = 1.0 / (lam + alpha)  # (n,)
-    shrink = lam * inv  # (n,) lam / (lam + alpha)
-    if rows is not None:
-        h_rows = ops.index(1.0 / (1.0 - fact.hat_diag(alpha)), rows)  # (m,)
-        # rows of the centred hat matrix U diag(shrink) U^T: centred train fits of those rows, (m, n)
-        H_rows = (ops.index(U, rows) * shrink) @ U.T
+    if rank is not None:
+        fact._need_eigh("low-rank fitting (rank=...)")
+    # proj = H = Xc^T (K + alpha I)^-1 (p, n), built once for this alpha (full weights only); h_rows (m,) and the
+    # rows H_rows (m, n) of the centred hat matrix: centred train fits of the leave-one-out rows
+    proj, h_rows, H_rows = fact.alpha_operators(alpha, rows, need_projector=rank is None)
     total = T * (2 if rank is not None else 1)
     done = 0
 
@@ -493,11 +598,13 @@ def fit_ridge(
     loo_std = torch.empty(T, dtype=torch.float32) if rows is not None else None
     tensors: dict[str, torch.Tensor] = {"x_mean": ops.to_torch(fact.x_mean).float()}
     if rank is None:
-        # W = Xc^T (K + alpha I)^-1 Yc = proj @ Yc with proj (p, n) built once for this alpha
-        proj = (XtU * inv) @ U.T
+        # W = Xc^T (K + alpha I)^-1 Yc = proj @ Yc: one target-sized product
         weight = torch.empty((fact.n_features, T), dtype=wdt)
         weight_scale = torch.empty(T, dtype=torch.float32)
     else:
+        lam, U, XtU = fact.lam, fact.U, fact.XtU
+        inv = 1.0 / (lam + alpha)  # (n,)
+        shrink = lam * inv  # (n,) lam / (lam + alpha)
         s = ops.sqrt(lam)
         keep = lam > (float(lam.max()) * _EIG_RTOL)
         mid = ops.where(keep, s * inv, 0.0 * s)  # (n,) diag of the middle factor M = diag(mid) U^T Yc
@@ -521,7 +628,7 @@ def fit_ridge(
         if rank is None:
             wb = proj @ yc  # (p, b)
             sc = _column_scale(wb)
-            weight[:, j0:j1] = ops.to_torch(wb / sc).to(wdt)
+            weight[:, j0:j1] = ops.to_torch(wb / sc, wdt)
             weight_scale[j0:j1] = ops.to_torch(sc).float()
             del wb
         else:
@@ -560,13 +667,13 @@ def fit_ridge(
         yb = ops.asarray(yb_np)
         Bb = R @ (yb - yb.mean(0))  # (r, b)
         sc = _column_scale(Bb)
-        b[:, j0:j1] = ops.to_torch(Bb / sc).to(wdt)
+        b[:, j0:j1] = ops.to_torch(Bb / sc, wdt)
         b_scale[j0:j1] = ops.to_torch(sc).float()
         done += j1 - j0
         if progress is not None:
             progress(done, total)
     tensors.update(
-        factor_a=ops.to_torch(A / a_scale).to(wdt), factor_a_scale=ops.to_torch(a_scale).float(),
+        factor_a=ops.to_torch(A / a_scale, wdt), factor_a_scale=ops.to_torch(a_scale).float(),
         factor_b=b, factor_b_scale=b_scale,
     )
     return RidgeDecoder(tensors, alpha=alpha, n_train=n)
@@ -591,6 +698,7 @@ def choose_alpha(
     if not alist:
         raise ValueError("'alphas' must hold at least one value; none were provided")
     fact = X if isinstance(X, RidgeFactorisation) else factorise(X, backend=backend)
+    fact._need_eigh("choose_alpha (every alpha from one factorisation)")
     ops = fact.ops
     n = fact.n_samples
     targets = _Targets(Y, n, n_targets)

@@ -352,7 +352,8 @@ def test_evaluation_page_computes_once_then_reloads(app, sources, monkeypatch):
     assert "ours (full) subj 1" in table and "ours (stage2_only) subj 1" in table
     assert "Brain-Diffuser (published)" in table
     charts = app.get("plotly_chart")
-    assert len(charts) == 4 + 1  # PixCorr, SSIM, CLIP, EffNet-Lite0 bars + the distributions
+    assert len(charts) == 5 + 1  # PixCorr, both SSIMs, CLIP, EffNet-Lite0 bars + the distributions
+    assert "SSIM (paper's 1-D columns)" in table
     # the galleries show the best and worst trials by the chosen metric, from the cached per-trial values
     ctx = app.session_state["app_context"]
     from brain_diffuser_core.config import cache_root
@@ -362,7 +363,7 @@ def test_evaluation_page_computes_once_then_reloads(app, sources, monkeypatch):
     assert len(folders) == 1
     res = load_evaluation(folders[0])
     assert res.image_ids.tolist() == _subject_ids(sources)[:4]
-    assert set(res.metrics) == {"PixCorr", "SSIM", "CLIP", "EffNet-Lite0"}
+    assert set(res.metrics) == {"PixCorr", "SSIM", "SSIM (paper's 1-D columns)", "CLIP", "EffNet-Lite0"}
     app.selectbox(key="eval_rank_metric").set_value("SSIM").run()
     app.slider(key="eval_k").set_value(2).run()
     captions = [c for img in app.get("image") for c in img.captions if "SSIM =" in c]
@@ -381,7 +382,20 @@ def test_evaluation_page_computes_once_then_reloads(app, sources, monkeypatch):
     assert not _errors(again), _errors(again)
     assert not [b for b in again.button if b.key == "eval_run"]
     assert any("Loaded from the cache" in c.value for c in again.caption)
-    assert len(again.get("plotly_chart")) == 5
+    assert len(again.get("plotly_chart")) == 6
+    # paper mode is its own evaluation: a new folder, the published SSIM as "SSIM", true 2-D SSIM beside it
+    monkeypatch.undo()
+    app.toggle(key="eval_paper").set_value(True).run()
+    assert app.selectbox(key="eval_rescale").disabled
+    app.button(key="eval_run").click().run()
+    assert not _errors(app), _errors(app)
+    table = [m.value for m in app.markdown if "| method |" in m.value][0]
+    assert "ours (full, paper mode) subj 1" in table and "SSIM (2-D)" in table
+    paper_folder = evaluation_folder(cache_root(), ctx.bundle_path, 1, dict(_eval_settings(app, 4), rescale="paper",
+                                                                            paper=True))
+    paper_res = load_evaluation(paper_folder)
+    assert paper_res.info["mode"] == "paper" and paper_res.info["rescale"] == "paper"
+    assert set(paper_res.metrics) == {"PixCorr", "SSIM", "SSIM (2-D)", "CLIP", "EffNet-Lite0"}
 
 
 def _subject_ids(sources) -> list[int]:
@@ -393,8 +407,8 @@ def _subject_ids(sources) -> list[int]:
 def _eval_settings(app, n: int) -> dict:
     ctx = app.session_state["app_context"]
     return {"rows": list(range(n)), "variants": ["full", "stage1", "stage2_only"],
-            "networks": ["clip", "efficientnet_lite0"], "rescale": "train", "base_seed": ctx.seed,
-            "num_inference_steps": ctx.num_inference_steps, "format": 1}
+            "networks": ["clip", "efficientnet_lite0"], "rescale": "train", "paper": False, "base_seed": ctx.seed,
+            "num_inference_steps": ctx.num_inference_steps, "format": 2}
 
 
 # ------------------------------------------------------------------------------------------------ walkthrough

@@ -81,3 +81,20 @@ def test_evaluate_prints_the_table_beside_the_paper(flow, capsys):
         assert -1 <= row["PixCorr"] <= 1 and np.isfinite(row["EffNet-Lite0"])
         assert row["Category"] in {k / 6 for k in range(7)}  # 6 test images, each right or wrong
     assert len((out / "per_image.csv").read_text().splitlines()) == 1 + 3 * 6
+
+
+def test_paper_flag_reaches_reconstruct_and_evaluate(flow, capsys):
+    out = flow["tmp"] / "recon_paper"
+    assert main(["reconstruct", "--bundle", str(flow["bundle"]), "--nsd-root", str(flow["world"]), "--subject", "1",
+                 "--trials", "0-1", "--out", str(out), "--steps", "4", "--device", "cpu", "--paper",
+                 "--cache-dir", str(flow["cache"])]) == 0
+    run = json.loads((out / "manifest.json").read_text())["run"]
+    assert run["mode"] == "paper" and run["rescale"] == "paper"
+    ev = flow["tmp"] / "eval_paper"
+    assert main(["evaluate", "--bundle", str(flow["bundle"]), "--nsd-root", str(flow["world"]), "--subject", "1",
+                 "--out", str(ev), "--steps", "4", "--networks", "", "--variants", "stage1", "--device", "cpu",
+                 "--paper", "--cache-dir", str(flow["cache"])]) == 0
+    info = json.loads((ev / "metrics.json").read_text())
+    assert info["mode"] == "paper" and info["rescale"] == "paper"
+    assert set(info["summary"]["stage1"]) == {"PixCorr", "SSIM", "SSIM (2-D)"}
+    assert "ours (stage1, paper mode) subj 1" in capsys.readouterr().out

@@ -119,3 +119,48 @@ def test_missing_file_message_names_file_layout_and_source(folders, tmp_path):
 def test_absent_model_id_is_never_downloaded():
     with pytest.raises(FileNotFoundError, match="neither a folder nor a model in the Hugging Face cache"):
         ClipFeatureExtractor.from_pretrained("no-such-org/no-such-clip")
+
+
+def _bilinear_truncated(image, size):
+    """Bilinear resize written out (half-pixel centres, edges clamped), then truncated to uint8."""
+    h, w = image.shape[:2]
+
+    def weights(n_in):
+        src = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    (r0, r1, fr), (c0, c1, fc) = weights(h), weights(w)
+    x = image.astype(np.float64)
+    rows = x[r0] * (1 - fr)[:, None, None] + x[r1] * fr[:, None, None]
+    out = rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
+    return np.floor(out + 1e-9).astype(np.uint8)
+
+
+def test_paper_preprocessing_is_512_bilinear_truncated_first(clip, rng):
+    from PIL import Image
+
+    from brain_diffuser_core.features.clip import paper_resize
+
+    image = rng.integers(0, 256, size=(1, 85, 85, 3), dtype=np.uint8)
+    ours = paper_resize(image)[0]
+    want = _bilinear_truncated(image[0], 512)
+    assert ours.shape == (512, 512, 3) and np.abs(ours.astype(int) - want.astype(int)).max() <= 1
+    assert (ours == want).mean() > 0.99  # float32 vs float64 at exact .0 boundaries only
+    rounded = np.asarray(Image.fromarray(image[0]).resize((512, 512), Image.BILINEAR))
+    assert (ours != rounded).mean() > 0.2  # truncation, not PIL's rounding
+    np.testing.assert_allclose(clip.vision_embeddings(image, preprocess="paper"),
+                               clip.vision_embeddings(ours[None]), atol=1e-6)
+    assert not np.allclose(clip.vision_embeddings(image, preprocess="paper"), clip.vision_embeddings(image), atol=1e-4)
+    with pytest.raises(ValueError, match="'preprocess' must be one of"):
+        clip.vision_embeddings(image, preprocess="bicubic")
+
+
+def test_the_papers_unconditional_grey_is_127(clip):
+    from brain_diffuser_core.config import PAPER_MODE
+
+    assert PAPER_MODE.unconditional_grey == 127
+    grey = np.full((1, 60, 60, 3), 127, dtype=np.uint8)
+    np.testing.assert_allclose(clip.unconditional_vision(grey=127), clip.vision_embeddings(grey)[0], atol=1e-5)
+    assert not np.allclose(clip.unconditional_vision(grey=127), clip.unconditional_vision(), atol=1e-5)

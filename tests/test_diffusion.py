@@ -225,3 +225,106 @@ def test_default_dtype_is_fp16_on_cuda_and_fp32_elsewhere():
     assert _default_dtype(torch.device("cuda"), None) == torch.float16
     assert _default_dtype(torch.device("cpu"), None) == torch.float32
     assert _default_dtype(torch.device("cuda"), torch.float32) == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ paper parity
+PNDM_CONFIG = {  # what diffusers' conversion script writes for Versatile Diffusion: no clip_sample key
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+}
+
+
+def _with_scheduler_config(vd_folder, tmp_path, config):
+    import json
+
+    folder = tmp_path / "vd"
+    shutil.copytree(vd_folder, folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_scheduler_is_the_papers_from_a_pndm_config(vd_folder, tmp_path, recwarn):
+    c = load_versatile_diffusion(_with_scheduler_config(vd_folder, tmp_path, PNDM_CONFIG))
+    cfg = c.scheduler.config
+    # DDIMScheduler.from_pretrained on this file would give clip_sample=True, set_alpha_to_one=True
+    assert (cfg.clip_sample, cfg.set_alpha_to_one, cfg.steps_offset) == (False, False, 1)
+    assert not [w for w in recwarn if "scheduler_config.json" in str(w.message)]
+    # the original's DDIM: alpha-bar of t=0 for the last step, timesteps 981, 961, ..., 1
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    assert float(c.scheduler.final_alpha_cumprod) == pytest.approx(float(alphas_cumprod[0]), rel=1e-6)
+    c.scheduler.set_timesteps(50)
+    assert c.scheduler.timesteps.tolist() == list(range(981, 0, -20))
+
+
+def test_a_scheduler_config_that_disagrees_is_named_in_a_warning(vd_folder, tmp_path):
+    bad = dict(PNDM_CONFIG, beta_end=0.02, clip_sample=True)
+    with pytest.warns(UserWarning, match=r"beta_end=0.02 \(paper: 0.012\), clip_sample=True \(paper: False\)"):
+        c = load_versatile_diffusion(_with_scheduler_config(vd_folder, tmp_path, bad))
+    assert c.scheduler.config.beta_end == 0.012 and c.scheduler.config.clip_sample is False
+
+
+def test_start_noise_offset_noises_to_741_and_denoises_from_721(pipe, inputs, monkeypatch):
+    from diffusers import DDIMScheduler
+
+    noised, denoised = [], []
+    real_add_noise = DDIMScheduler.add_noise
+    monkeypatch.setattr(DDIMScheduler, "add_noise",
+                        lambda self, x, n, t: noised.append(t.tolist()) or real_add_noise(self, x, n, t))
+    real_forward = pipe.image_unet.forward
+
+    def unet_spy(sample, t, *a, **k):
+        denoised.append(int(t))
+        raise KeyboardInterrupt  # the first step is all this test needs
+
+    monkeypatch.setattr(pipe.image_unet, "forward", unet_spy)
+    for offset, expect in ((0, 721), (1, 741)):
+        with pytest.raises(KeyboardInterrupt):
+            run(pipe, inputs, idx=slice(0, 2), seeds=[1, 2], num_inference_steps=50, strength=0.75,
+                start_noise_offset=offset)
+        assert noised[-1] == [expect, expect] and denoised[-1] == 721
+    with pytest.raises(KeyboardInterrupt):  # strength 1: nothing before the first timestep, capped there
+        run(pipe, inputs, idx=slice(0, 1), seeds=[1], num_inference_steps=50, strength=1.0, start_noise_offset=1)
+    assert noised[-1] == [981] and denoised[-1] == 981
+    monkeypatch.setattr(pipe.image_unet, "forward", real_forward)
+    with pytest.raises(ValueError, match="'start_noise_offset' must be a non-negative integer"):
+        run(pipe, inputs, seeds=[1, 2, 3], start_noise_offset=-1)
+
+
+def test_truncated_output_floors_what_rounding_rounds(pipe):
+    latents = torch.randn(2, 4, TINY_IMAGE_SIZE // pipe.vae_scale_factor, TINY_IMAGE_SIZE // pipe.vae_scale_factor,
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    x = ((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).numpy()
+    np.testing.assert_array_equal(pipe.decode_latents(latents, truncate=True), np.floor(x).astype(np.uint8))
+    np.testing.assert_array_equal(pipe.decode_latents(latents), np.round(x).astype(np.uint8))
+    assert (pipe.decode_latents(latents) != pipe.decode_latents(latents, truncate=True)).any()
+
+
+def test_a_component_config_that_does_not_match_its_weights_is_an_error(vd_folder, tmp_path):
+    import json
+
+    broken = tmp_path / "vd"
+    shutil.copytree(vd_folder, broken)
+    cfg_path = broken / "image_unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["block_out_channels"] = [32, 96]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as err:
+        load_versatile_diffusion(broken)
+    msg = str(err.value)
+    assert str(broken / "image_unet" / "diffusion_pytorch_model.safetensors") in msg and str(cfg_path) in msg
+    assert "shape mismatches" in msg and "file (" in msg and "vs model (" in msg
+    # a config of another model: missing and unexpected keys are listed
+    vae_cfg = json.loads((broken / "vae" / "config.json").read_text())
+    cfg_path.write_text(json.dumps(dict(vae_cfg, _class_name="UNet2DConditionModel")))
+    with pytest.raises(ValueError, match=r"missing keys: \[.*unexpected keys: \["):
+        load_versatile_diffusion(broken)
+    cfg_path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not a readable JSON config"):
+        load_versatile_diffusion(broken)
+    cfg_path.unlink()
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        load_versatile_diffusion(broken)

@@ -153,7 +153,7 @@ def test_load_evaluation_reads_back_what_evaluate_bundle_wrote(tmp_path, rng):
     summary = evaluate_bundle(bd, subj, out, rows=[0, 2], variants=("full", "stage1"), networks=(),
                               num_inference_steps=4)
     res = load_evaluation(out)
-    assert res.variants == ["full", "stage1"] and res.metrics == ["PixCorr", "SSIM"]
+    assert res.variants == ["full", "stage1"] and res.metrics == ["PixCorr", "SSIM", "SSIM (paper's 1-D columns)"]
     assert res.image_ids.tolist() == [30, 20] and res.info["subject"] == 1
     for v in res.variants:
         assert res.summary[v] == pytest.approx(summary[v], rel=1e-5)
@@ -167,3 +167,12 @@ def test_load_evaluation_reads_back_what_evaluate_bundle_wrote(tmp_path, rng):
     (out / "per_image.csv").write_text(text)
     with pytest.raises(ValueError, match="per_image.csv must hold per-trial rows"):
         load_evaluation(out)
+
+
+def test_comparison_rows_set_the_published_ssim_beside_the_column_wise_one():
+    from brain_diffuser_core.metrics import PAPER_TABLE, SSIM_COLUMNS_LABEL
+
+    rows = comparison_rows({"full": {"SSIM": 0.4, SSIM_COLUMNS_LABEL: 0.3}}, paper_rows=["Brain-Diffuser"])
+    published = {r["metric"]: r for r in rows if r["source"] == "published"}
+    assert published[SSIM_COLUMNS_LABEL]["value"] == PAPER_TABLE["Brain-Diffuser"]["SSIM"]
+    assert published[SSIM_COLUMNS_LABEL]["comparable"] and not published["SSIM"]["comparable"]

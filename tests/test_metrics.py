@@ -69,17 +69,20 @@ def _ssim_reference(recon, truth, sigma=1.5, radius=5):
     k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     w = np.outer(k, k)
     w /= w.sum()
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
     vals = []
     for i in range(radius, x.shape[0] - radius):
         for j in range(radius, x.shape[1] - radius):
-            a = x[i - radius:i + radius + 1, j - radius:j + radius + 1]
-            b = y[i - radius:i + radius + 1, j - radius:j + radius + 1]
-            ma, mb = (w * a).sum(), (w * b).sum()
-            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
-            cov = (w * (a - ma) * (b - mb)).sum()
-            vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+            vals.append(_window_ssim(w, x[i - radius:i + radius + 1, j - radius:j + radius + 1],
+                                     y[i - radius:i + radius + 1, j - radius:j + radius + 1]))
     return float(np.mean(vals))
+
+
+def _window_ssim(w, a, b, c1=0.01 ** 2, c2=0.03 ** 2):
+    """SSIM of one window (weights ``w``, values ``a`` and ``b`` of the same shape), population moments."""
+    ma, mb = (w * a).sum(), (w * b).sum()
+    va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+    cov = (w * (a - ma) * (b - mb)).sum()
+    return (2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
 
 
 def test_ssim_matches_explicit_window_reference(rng):
@@ -112,6 +115,89 @@ def test_ssim_resizes_to_size(rng):
     small = M.ssim(recon, truth, size=24)
     r24, t24 = M.resize_images(recon, 24), M.resize_images(truth, 24)
     np.testing.assert_allclose(small, [_ssim_reference(r24[0], t24[0])], atol=1e-6)
+
+
+def _ssim_1d_reference(a, b, sigma=1.5, radius=5):
+    """One 1-D signal's SSIM as old skimage computed each channel: explicit weighted windows of 11 samples,
+    over the positions whose whole window lies inside the signal."""
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    w = k / k.sum()
+    return float(np.mean([_window_ssim(w, a[i - radius:i + radius + 1], b[i - radius:i + radius + 1])
+                          for i in range(radius, len(a) - radius)]))
+
+
+def test_ssim_columns_is_the_mean_of_1d_ssims_down_the_columns(rng):
+    recon, truth = _pair(rng, n=2, size=32, noise=60.0)
+    recon[1, :, :16] = 0
+    grey = lambda im: (0.2125 * im[..., 0] + 0.7154 * im[..., 1] + 0.0721 * im[..., 2]) / 255.0  # noqa: E731
+    want = []
+    for r, t in zip(recon, truth):
+        x, y = grey(r.astype(float)), grey(t.astype(float))
+        # old skimage, multichannel=True on a 2-D image: the last axis is the channels, one 1-D SSIM each
+        want.append(np.mean([_ssim_1d_reference(x[:, c], y[:, c]) for c in range(x.shape[1])]))
+    got = M.ssim_columns(recon, truth, size=None)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(got - M.ssim(recon, truth, size=None)).max() > 0.01  # not the 2-D SSIM
+    np.testing.assert_allclose(M.ssim_columns(truth, truth, size=None), 1.0, atol=1e-6)
+
+
+def test_evaluate_images_in_paper_mode(clean_registry, rng):
+    seen = []
+
+    class Spy(_MeanColour):
+        def __call__(self, images):
+            seen.append(images)
+            return super().__call__(images)
+
+    M.register_network("spy", lambda: Spy(), metric="2-way", label="Spy")
+    recon, truth = _pair(rng, n=4, size=40, noise=30.0)
+    summary, per_image = M.evaluate_images(recon, truth, ["spy"], size=32, ssim_mode="columns",
+                                           network_resample="bilinear")
+    np.testing.assert_allclose(per_image["SSIM"], M.ssim_columns(recon, truth, 32))
+    np.testing.assert_allclose(per_image[M.SSIM_2D_LABEL], M.ssim(recon, truth, 32))
+    bilinear = np.stack([np.asarray(Image.fromarray(im).resize((16, 16), Image.BILINEAR)) for im in recon])
+    np.testing.assert_array_equal(seen[0], bilinear)  # the network got the bilinear 16 px images
+    text = M.format_table({"ours": summary})
+    assert M.SSIM_2D_LABEL in text and "computed as the published one" in text
+    with pytest.raises(ValueError, match="'ssim_mode' must be one of"):
+        M.evaluate_images(recon, truth, [], ssim_mode="3d")
+
+
+class _FakeResNet(torch.nn.Module):
+    """Stands in for torchvision's ResNet-50 (not installed): a backbone, an avgpool and an fc."""
+
+    def __init__(self, weights=None):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 4, 3)
+        self.layer1 = torch.nn.Conv2d(4, 4, 1)
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.avgpool(self.layer1(self.conv1(x))).flatten(1))
+
+
+def test_swav_weights_are_checked_key_by_key(monkeypatch, tmp_path):
+    import types
+
+    monkeypatch.setattr(M, "_torchvision", lambda name: types.SimpleNamespace(resnet50=_FakeResNet))
+    good = {f"module.{k}": v for k, v in _FakeResNet().state_dict().items() if not k.startswith("fc.")}
+    good["module.projection_head.0.weight"] = torch.zeros(2, 4)  # SwAV's own heads are dropped
+    good["module.prototypes.weight"] = torch.zeros(3, 2)
+    path = tmp_path / "swav.pth.tar"
+    torch.save({"state_dict": good}, path)
+    net = M.get_network("swav", weights_path=str(path))
+    assert torch.equal(net.model.conv1.weight, good["module.conv1.weight"])
+    # a wrong file (here: a layer missing, one renamed) is an error naming it and the keys, not random weights
+    bad = dict(good)
+    bad.pop("module.layer1.weight")
+    bad["module.layer9.weight"] = torch.zeros(1)
+    torch.save(bad, path)
+    with pytest.raises(ValueError) as err:
+        M.get_network("swav", weights_path=str(path))
+    msg = str(err.value)
+    assert str(path) in msg and "1 missing keys: ['layer1.weight']" in msg
+    assert "1 unexpected keys: ['layer9.weight']" in msg and "swav_800ep_pretrain" in msg
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -205,9 +291,10 @@ def test_evaluate_images_with_a_registered_network(clean_registry, rng):
     M.register_network("toy_colour", lambda: _MeanColour(), metric="2-way", label="Toy")
     recon, truth = _pair(rng, n=5, size=32, noise=30.0)
     summary, per_image = M.evaluate_images(recon, truth, ["toy_colour"], size=24)
-    assert set(summary) == {"PixCorr", "SSIM", "Toy"} and set(per_image) == set(summary)
+    assert set(summary) == {"PixCorr", "SSIM", M.SSIM_COLUMNS_LABEL, "Toy"} and set(per_image) == set(summary)
     np.testing.assert_allclose(per_image["PixCorr"], M.pixcorr(recon, truth, 24))
     np.testing.assert_allclose(per_image["SSIM"], M.ssim(recon, truth, 24))
+    np.testing.assert_allclose(per_image[M.SSIM_COLUMNS_LABEL], M.ssim_columns(recon, truth, 24))
     net = _MeanColour()
     np.testing.assert_allclose(per_image["Toy"], M.two_way_identification(net(recon), net(truth)))
     assert summary["Toy"] == pytest.approx(float(per_image["Toy"].mean()))

@@ -323,3 +323,45 @@ def test_the_heartbeat_repeats_the_place_and_lets_a_waiter_leave():
     q.acquire(lambda p: beats.append(("alone", p)))  # no wait: told 0 at once, no beats
     assert beats[-1] == ("alone", 0)
     q.release()
+
+
+# ------------------------------------------------------------------------------------------ paper mode
+def test_paper_mode_reaches_the_models(tiny, rng, monkeypatch):
+    paper = BrainDiffuser(tiny.bundle, tiny.models, paper=True)
+    n_vox = tiny.bundle.subject_info(1)["n_voxels"]
+    fmri = rng.standard_normal((4, n_vox)).astype(np.float32)
+    # test-set z-scoring is the default rescaling in paper mode; the improved default stays "train"
+    x = np.asarray(fmri, np.float32)
+    dec = tiny.bundle.decoder(1, "clip_text")
+    np.testing.assert_allclose(paper.predict_features(fmri, 1)["clip_text"].reshape(4, -1),
+                               dec.predict(x, rescale="paper"), rtol=1e-6)
+    np.testing.assert_allclose(tiny.predict_features(fmri, 1)["clip_text"].reshape(4, -1),
+                               dec.predict(x, rescale="train"), rtol=1e-6)
+    calls = []
+    real = tiny.models.img2img
+    monkeypatch.setattr(tiny.models, "img2img", lambda *a, **k: calls.append(k) or real(*a, **k))
+    rec = paper.reconstruct(fmri, 1, **FAST)[0]
+    assert (calls[-1]["start_noise_offset"], calls[-1]["truncate_output"]) == (1, True)
+    assert rec.settings["rescale"] == "paper" and rec.settings["unconditional_grey"] == 127
+    grey127, grey128 = tiny.models.uncond_vision_for(127), tiny.models.uncond_vision_for(128)
+    assert calls[-1]["uncond_vision"] is grey127 and not np.allclose(grey127, grey128)
+    tiny.reconstruct(fmri[:1], 1, **FAST)
+    assert (calls[-1]["start_noise_offset"], calls[-1]["truncate_output"]) == (0, False)
+    assert calls[-1]["uncond_vision"] is grey128
+    with pytest.raises(ValueError, match="no unconditional vision embedding for grey 3"):
+        tiny.models.uncond_vision_for(3)
+
+
+def test_a_unet_without_sample_size_gives_the_papers_512(tiny):
+    from types import SimpleNamespace
+
+    from brain_diffuser_core.pipeline import GenerativeModels
+
+    unet = SimpleNamespace(config=SimpleNamespace(sample_size=None))  # as diffusers' conversion script can leave it
+    img2img = SimpleNamespace(image_unet=unet, vae_scale_factor=8, device=torch.device("cpu"), dtype=torch.float32)
+    models = GenerativeModels(tiny.models.vdvae, img2img, tiny.models.uncond_text, tiny.models.uncond_vision)
+    assert models.image_size == 512 == PAPER.stage2.image_size
+    unet.config.sample_size = 64
+    assert GenerativeModels(tiny.models.vdvae, img2img, tiny.models.uncond_text, {128: None}).image_size == 512
+    unet.config.sample_size = 32
+    assert GenerativeModels(tiny.models.vdvae, img2img, tiny.models.uncond_text, {128: None}).image_size == 256

@@ -120,7 +120,7 @@ def test_rescale_modes(rng):
         dec.predict(Xt, rescale="zscore")
     no_loo = fit_ridge(X, Y, 20.0, backend="torch", loo_stats=False)
     with pytest.raises(ValueError, match="loo_stats=False"):
-        no_loo.predict(Xt)
+        no_loo.predict(Xt, rescale="train")
 
 
 def test_loo_stats_on_a_row_subset_is_close(rng):
@@ -226,3 +226,39 @@ def test_input_errors(rng):
     dec = fit_ridge(X, Y, 1.0, backend="torch")
     with pytest.raises(ValueError, match=r"'X' must have shape \(n_samples, 60\)"):
         dec.predict(X[:, :10])
+
+
+def test_predict_is_plain_ridge_unless_asked(rng):
+    X, Y = _data(rng, n=30, p=45, t=5)
+    Xt = rng.standard_normal((8, 45)).astype(np.float32) + 3.0
+    W, b = _closed_form(X, Y, 20.0)
+    dec = fit_ridge(X, Y, 20.0, backend="torch", dtype="float32")
+    np.testing.assert_allclose(dec.predict(Xt), Xt @ W + b, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(dec.predict(Xt), dec.predict(Xt, rescale="train"), atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_kernel_factorisation_gives_the_eigh_fit(rng, backend):
+    """The fixed-alpha path (Cholesky inverse, no eigendecomposition) against the all-alphas one and refitting."""
+    X, Y = _data(rng, n=50, p=70, t=6)
+    Xt = rng.standard_normal((5, 70)).astype(np.float32) + 3.0
+    kern = factorise(X, backend=backend, method="kernel")
+    eig = factorise(X, backend=backend, method="eigh")
+    assert (kern.method, eig.method) == ("kernel", "eigh") and kern.n_features == 70 and kern.n_samples == 50
+    a = fit_ridge(kern, Y, 8.0, dtype="float32")
+    b = fit_ridge(eig, Y, 8.0, dtype="float32")
+    W, c = _closed_form(X, Y, 8.0)
+    np.testing.assert_allclose(a.predict(Xt), Xt @ W + c, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(a.predict(Xt), b.predict(Xt), rtol=1e-4, atol=1e-4)
+    loo = _brute_loo(X, Y, 8.0)
+    np.testing.assert_allclose(a.tensors["loo_mean"].numpy(), loo.mean(0), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(a.tensors["loo_std"].numpy(), loo.std(0), rtol=1e-3, atol=1e-3)
+    sub = fit_ridge(kern, Y, 8.0, loo_stats=20)  # LOO statistics from a sample of rows, the same rows either way
+    np.testing.assert_allclose(sub.tensors["loo_std"].numpy(), fit_ridge(eig, Y, 8.0, loo_stats=20).tensors["loo_std"],
+                               rtol=1e-3)
+    with pytest.raises(ValueError, match="needs the eigendecomposition: factorise\\(X, method='eigh'\\)"):
+        fit_ridge(kern, Y, 8.0, rank=3)
+    with pytest.raises(ValueError, match="choose_alpha .* needs the eigendecomposition"):
+        choose_alpha(kern, Y, [1.0, 10.0])
+    with pytest.raises(ValueError, match="'method' must be one of"):
+        factorise(X, method="svd")

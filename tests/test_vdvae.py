@@ -295,7 +295,7 @@ def test_mismatched_keys_message(tiny, tmp_path):
     assert "1 missing keys: ['decoder.gain']" in msg
     assert "1 unexpected keys: ['decoder.extra.weight']" in msg
     assert "decoder.out_net.out_conv.bias: file (7,) vs model (50,)" in msg
-    assert "width=32" in msg
+    assert "width=32" in msg and str(path) in msg  # the file, the first mismatched keys, the config expected
     # loading tiny weights as the paper's model lists (at most 10 of) the many differences
     torch.save(tiny.state_dict(), path)
     with pytest.raises(ValueError, match=r"width=512.*missing keys.*\(and \d+ more\)"):

@@ -37,8 +37,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma subset of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--networks", default="clip,efficientnet_lite0", metavar="LIST",
                    help="feature networks for the high-level columns (default: clip,efficientnet_lite0)")
-    p.add_argument("--rescale", default="train", choices=("train", "paper", "none"),
-                   help="prediction rescaling (default train; 'paper' reproduces the original's test-set z-score)")
+    p.add_argument("--rescale", default=None, choices=("train", "paper", "none"),
+                   help="prediction rescaling (default train, or paper with --paper; 'paper' reproduces the "
+                        "original's test-set z-score)")
+    p.add_argument("--paper", action="store_true",
+                   help="reproduce the original scripts step for step (test-set z-score, start noise t=741, grey "
+                        "127, truncated images, 224 px bilinear network inputs, the published column-wise SSIM; "
+                        "README 'Where this differs'); default: the project's improvements")
     p.add_argument("--pixel-size", type=int, default=None, help="side for PixCorr/SSIM (default: stimulus size)")
     p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per generation batch")
     p.add_argument("--seed", type=int, default=0, help="base seed")
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import BrainDiffuser
     from .reconstruct import parse_rows
 
-    diffuser = BrainDiffuser(args.bundle, device=args.device)
+    diffuser = BrainDiffuser(args.bundle, device=args.device, paper=args.paper)
     subjects = _subjects(str(args.subject), diffuser.bundle.subjects)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         summaries[number] = evaluate_bundle(diffuser, subject, out, rows=rows, variants=variants,
                                             networks=networks, network_kwargs=kwargs, pixel_size=args.pixel_size,
                                             base_seed=args.seed, rescale=args.rescale,
-                                            batch_size=args.batch_size, progress=progress,
+                                            batch_size=args.batch_size, progress=progress, paper=args.paper,
                                             category_judge=judge, **overrides)
         for bar in bars.values():
             bar.close()

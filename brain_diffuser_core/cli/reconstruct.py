@@ -34,9 +34,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="test-set rows (sorted by 73k id), e.g. '0-9', '3,17', or 'all' (default: 0-9)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="trials per generation batch (default 1)")
     p.add_argument("--seed", type=int, default=0, help="base seed (per-image seeds derive from it and the 73k id)")
-    p.add_argument("--rescale", default="train", choices=("train", "paper", "none"),
+    p.add_argument("--rescale", default=None, choices=("train", "paper", "none"),
                    help="prediction rescaling: train = leave-one-out train statistics (default; no test peeking); "
-                        "paper = z-score across the whole test set as the original (for the table); none")
+                        "paper = z-score across the whole test set as the original (default with --paper); none")
+    p.add_argument("--paper", action="store_true",
+                   help="reproduce the original scripts step for step (test-set z-score, start noise t=741, grey "
+                        "127, truncated final images; README 'Where this differs'); default: the improvements")
     p.add_argument("--steps", type=int, default=PAPER.stage2.num_inference_steps, help="DDIM steps (50)")
     p.add_argument("--strength", type=float, default=PAPER.stage2.strength, help="img2img strength (0.75)")
     p.add_argument("--guidance", type=float, default=PAPER.stage2.guidance_scale, help="CFG scale (7.5)")
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from ..nsd import load_subject
     from ..pipeline import BrainDiffuser
 
-    diffuser = BrainDiffuser(args.bundle, device=args.device)
+    diffuser = BrainDiffuser(args.bundle, device=args.device, paper=args.paper)
+    args.rescale = args.rescale or diffuser.mode.rescale
     subject = load_subject(args.nsd_root, args.subject, cache_dir=args.cache_dir, progress=True)
     diffuser.bundle.check_subject(args.subject, subject.n_voxels, subject.mask_sha256)
     rows = parse_rows(args.trials, len(subject.test_image_ids))
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     run_key = {"bundle": str(Path(args.bundle).resolve()), "subject": args.subject, "seed": args.seed,
-               "rescale": args.rescale, "stage1_only": args.stage1_only, **settings}
+               "rescale": args.rescale, "stage1_only": args.stage1_only, "mode": diffuser.mode.name, **settings}
     if manifest.get("run") != run_key:
         manifest = {"run": run_key, "images": {}}
     # "paper" rescaling z-scores across the predicted batch: it needs the whole test set at once

@@ -11,6 +11,9 @@ embeddings used by classifier-free guidance are the text features of ``PAPER.sta
 ("") and the vision features of a uniform grey image (``PAPER.stage2.unconditional_grey``).
 
 Weights are read from a local folder or from the user's Hugging Face cache; nothing is ever downloaded.
+
+``preprocess="paper"`` reproduces the original feature scripts' image path for CLIP-vision: the image is
+first resized to 512 px (bilinear) and truncated to uint8, and only then given to the processor (224 bicubic).
 """
 from __future__ import annotations
 
@@ -23,7 +26,11 @@ import torch
 
 from ..config import PAPER
 
-__all__ = ["ClipFeatureExtractor", "resolve_local_model"]
+__all__ = ["ClipFeatureExtractor", "resolve_local_model", "paper_resize"]
+
+#: the size the original scripts bring every image to before CLIP's own preprocessing
+PAPER_PRE_SIZE = 512
+PREPROCESS_MODES = ("direct", "paper")
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -67,6 +74,17 @@ def _require(folder: Path, any_of: Sequence[str], what: str, layout: str, source
             f"{what}: missing {names} in {str(folder)!r}. Expected a folder with {layout}. Get the files "
             f"with `hf download {source}` on a machine with internet access, or point at a complete copy."
         )
+
+
+def paper_resize(images: np.ndarray, size: int = PAPER_PRE_SIZE) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> uint8 (n, size, size, 3): bilinear resize in float, then truncated to uint8.
+
+    The original scripts' step before CLIP (``torch`` bilinear, half-pixel centres: the same as PIL's bilinear
+    when enlarging 425 -> 512, and then ``.astype(uint8)``-style truncation, not rounding).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return y.clamp(0, 255).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class ClipFeatureExtractor:
@@ -216,13 +234,15 @@ class ClipFeatureExtractor:
         norm = torch.linalg.vector_norm(tokens[:, :1], dim=-1, keepdim=True)
         return (tokens / norm).cpu()
 
-    def vision_embeddings(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    def vision_embeddings(self, images: np.ndarray, batch_size: int = 16, preprocess: str = "direct") -> np.ndarray:
         """VD-normalised CLIP-vision tokens of RGB images.
 
         Parameters
         ----------
         images : numpy.ndarray, uint8, shape (n, H, W, 3)
             Any size: the processor resizes the shortest edge and centre-crops (224 px for ViT-L/14).
+        preprocess : "direct" (the processor alone) or "paper" (:func:`paper_resize` to 512 px first, as the
+            original scripts; :data:`~brain_diffuser_core.config.PAPER_MODE`).
 
         Returns
         -------
@@ -232,12 +252,24 @@ class ClipFeatureExtractor:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError("'images' must be a uint8 array of shape (n, H, W, 3); "
                              f"found dtype {images.dtype} and shape {images.shape}")
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"'preprocess' must be one of {list(PREPROCESS_MODES)}; {preprocess!r} was provided")
         out = np.zeros((len(images), self.vision_tokens, self.dim), dtype=np.float32)
         for s in range(0, len(images), batch_size):
-            out[s:s + batch_size] = self._encode_vision(images[s:s + batch_size]).numpy()
+            chunk = images[s:s + batch_size]
+            if preprocess == "paper":
+                chunk = paper_resize(chunk)
+            out[s:s + batch_size] = self._encode_vision(chunk).numpy()
         return out
 
-    def unconditional_vision(self, size: int = 224) -> np.ndarray:
-        """Vision embedding of a uniform grey (``PAPER.stage2.unconditional_grey``) image: (257, D) float32."""
-        grey = np.full((1, size, size, 3), PAPER.stage2.unconditional_grey, dtype=np.uint8)
-        return self.vision_embeddings(grey)[0]
+    def unconditional_vision(self, size: int = 224, grey: int | None = None) -> np.ndarray:
+        """Vision embedding of a uniform grey image: (257, D) float32.
+
+        grey : its value, default ``PAPER.stage2.unconditional_grey`` (128); the original's is 127 (zeros in
+            [-1, 1] truncated to uint8). A uniform image is unchanged by any resizing, so no preprocessing
+            choice applies.
+        """
+        value = PAPER.stage2.unconditional_grey if grey is None else int(grey)
+        if not 0 <= value <= 255:
+            raise ValueError(f"'grey' must be a uint8 value 0..255; {grey!r} was provided")
+        return self.vision_embeddings(np.full((1, size, size, 3), value, dtype=np.uint8))[0]

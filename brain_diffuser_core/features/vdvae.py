@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brain_diffuser_core.config import PAPER
-from brain_diffuser_core.io import atomic_path, atomic_write_json
+from brain_diffuser_core.io import atomic_path, atomic_write_json, state_mismatch
 from brain_diffuser_core.seeding import seed_for
 
 __all__ = [
@@ -870,24 +870,15 @@ def _strip_module_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def _describe_mismatch(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], config: VDVAEConfig,
                        path: Path, limit: int = 10) -> str | None:
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}"
-             for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
-    if not (missing or unexpected or wrong):
+    diff = state_mismatch({k: tuple(v.shape) for k, v in sd.items()}, expected, limit)
+    if diff is None:
         return None
-
-    def part(name, items):
-        more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
-        return f"{len(items)} {name}: {items[:limit]}{more}"
-
     return (
         f"VDVAE weights in {str(path)!r} do not match the assumed config "
         f"(width={config.width}, zdim={config.zdim}, image_size={config.image_size}, "
         f"num_mixtures={config.num_mixtures}, enc_blocks={config.enc_blocks!r}, dec_blocks={config.dec_blocks!r}, "
         f"no_bias_above={config.no_bias_above}, custom_width_str={config.custom_width_str!r}); "
-        f"{part('missing keys', missing)}; {part('unexpected keys', unexpected)}; "
-        f"{part('shape mismatches', wrong)}. Pass the matching VDVAEConfig to load_vdvae."
+        f"{diff}. Pass the matching VDVAEConfig to load_vdvae."
     )
 
 
