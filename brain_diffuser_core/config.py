@@ -170,6 +170,10 @@ class Mode:
         "paper" (image -> 512 bilinear -> truncating uint8 -> the processor, as the original's feature scripts).
     network_resample : how images are brought to the evaluation networks' 224 px, "bicubic" or "bilinear" (the
         original's ``transforms.Resize``).
+    stage1_output : VDVAE pixels, "mean" (the mixture's most probable component) or "sample" (a draw per
+        pixel, as the original; see :class:`StageOneConfig`).
+    pattern_scale : ROI-optimal features, "train" (the pattern-driven part set to the RMS train deviation norm)
+        or "paper" (the original's hand-set norms; see ``BrainDiffuser.pattern_features``).
     ssim : "2d" (true 2-D SSIM) or "columns" (what the original's ``structural_similarity(grey, grey,
         multichannel=True, ...)`` computed with the scikit-image of its time: the mean of 1-D SSIMs down the
         columns, each column taken as a channel).
@@ -183,10 +187,16 @@ class Mode:
     clip_preprocess: str
     network_resample: str
     ssim: str
+    stage1_output: str = "mean"
+    pattern_scale: str = "train"
 
     @property
     def name(self) -> str:
         return "paper" if self.paper else "improved"
+
+    def stage1_overrides(self) -> dict[str, object]:
+        """The :class:`StageOneConfig` fields this mode sets."""
+        return {"output": self.stage1_output}
 
     def stage2_overrides(self) -> dict[str, object]:
         """The :class:`StageTwoConfig` fields this mode sets (for ``dataclasses.replace`` or ``**overrides``)."""
@@ -198,7 +208,8 @@ IMPROVED = Mode(paper=False, rescale="train", start_noise_offset=PAPER.stage2.st
                 unconditional_grey=PAPER.stage2.unconditional_grey, truncate_output=PAPER.stage2.truncate_output,
                 clip_preprocess="direct", network_resample="bicubic", ssim="2d")
 PAPER_MODE = Mode(paper=True, rescale="paper", start_noise_offset=1, unconditional_grey=127, truncate_output=True,
-                  clip_preprocess="paper", network_resample="bilinear", ssim="columns")
+                  clip_preprocess="paper", network_resample="bilinear", ssim="columns", stage1_output="sample",
+                  pattern_scale="paper")
 
 
 def mode(paper: bool = False) -> Mode:

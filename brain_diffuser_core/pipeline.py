@@ -333,7 +333,7 @@ class BrainDiffuser:
         self.models = models if models is not None else GenerativeModels.from_references(self.bundle.models, device)
         self.device = self.models.device
         self.mode = mode(paper)
-        self.stage1 = stage1
+        self.stage1 = replace(stage1, **self.mode.stage1_overrides()) if paper else stage1
         self.stage2 = replace(stage2, **self.mode.stage2_overrides()) if paper else stage2
 
     # ------------------------------------------------------------------------------------ features
@@ -450,7 +450,7 @@ class BrainDiffuser:
             if p.ndim != 1:
                 raise ValueError(f"pattern for subject {subject} must be one vector (n_voxels,); shape {p.shape}")
             single[subject] = p
-        feats = self.pattern_features(single)
+        feats = self.pattern_features(single, scale=self.mode.pattern_scale)
         if seeds is None:
             seeds = [seed_for("pattern", name, k, base_seed=base_seed) for k in range(n_seeds)]
         seeds = [int(s) for s in seeds]

@@ -350,6 +350,18 @@ def test_paper_mode_reaches_the_models(tiny, rng, monkeypatch):
     assert calls[-1]["uncond_vision"] is grey128
     with pytest.raises(ValueError, match="no unconditional vision embedding for grey 3"):
         tiny.models.uncond_vision_for(3)
+    # stage 1 samples every pixel in paper mode and takes the mixture mean by default
+    assert rec.settings["stage1_output"] == "sample" and tiny.reconstruct(fmri[:1], 1, **FAST)[0].settings[
+        "stage1_output"] == "mean"
+    # ROI-optimal features use the original's hand-set norms in paper mode
+    two = np.zeros((2, n_vox), np.float32)
+    two[0, :10], two[1, 10:20] = 1.0, 1.0
+    spy = []
+    real_pf = paper.pattern_features
+    monkeypatch.setattr(paper, "pattern_features", lambda p, **k: spy.append(k) or real_pf(p, **k))
+    with pytest.raises(ValueError, match="needs >= 2"):  # one pattern: the original z-scores VDVAE across ROIs
+        paper.reconstruct_pattern({1: two[0]}, **FAST)
+    assert spy[-1] == {"scale": "paper"}
 
 
 def test_a_unet_without_sample_size_gives_the_papers_512(tiny):
