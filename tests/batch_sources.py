@@ -1,19 +1,21 @@
-"""Sources for the batch tests: the app's 2-subject MiniNSD world and tiny bundle (tests/app_sources.py), with
-the bundle's voxel-mask checksums set to the world's (the CLI commands check them; the app does not)."""
+"""Sources for the batch tests: the app's 2-subject MiniNSD world and tiny bundle (tests/app_sources.py, the
+session's ``sources`` fixture), with a copy of the bundle whose voxel-mask checksums are the world's (the CLI
+commands check them; the app does not)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
-def make_batch_sources(tmp_path: str | Path) -> tuple[str, str, str]:
-    """(bundle, world root, prepared cache) under ``tmp_path``, str paths; subjects 1 and 2."""
-    from app_sources import make_app_sources
-
+def make_batch_sources(sources: tuple[str, str, str], tmp_path: str | Path) -> tuple[str, str, str]:
+    """(bundle copy, world root, prepared cache), str paths; subjects 1 and 2."""
     from brain_diffuser_core.bundle import SubjectDecoders, load_bundle, save_bundle
     from brain_diffuser_core.config import FEATURE_NAMES
     from brain_diffuser_core.nsd import load_subject
 
-    bundle, world, cache = make_app_sources(tmp_path)
+    src, world, cache = sources
+    bundle = Path(tmp_path) / "bundle"
+    shutil.copytree(src, bundle)
     b = load_bundle(bundle)
     entries = {}
     for s in b.subjects:
@@ -23,4 +25,4 @@ def make_batch_sources(tmp_path: str | Path) -> tuple[str, str, str]:
                                      train_feature_norm={f: b.train_feature_norm(s, f) for f in FEATURE_NAMES})
     save_bundle(bundle, entries, feature_shapes={f: b.feature_shape(f) for f in FEATURE_NAMES},
                 models=b.manifest["models"], update=True)
-    return bundle, world, cache
+    return str(bundle), world, cache

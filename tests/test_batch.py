@@ -152,13 +152,6 @@ def test_a_ray_address_that_does_not_answer_is_named_with_the_time_waited(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ sweep
-@pytest.fixture(scope="module")
-def batch_sources(tmp_path_factory):
-    from batch_sources import make_batch_sources
-
-    return make_batch_sources(tmp_path_factory.mktemp("batch"))
-
-
 def sweep_args(sources, out, *extra):
     bundle, world, cache = sources
     return ["sweep", "--bundle", bundle, "--nsd-root", world, "--cache-dir", cache, "--steps", "4",
@@ -223,3 +216,71 @@ def test_sweep_refuses_unknown_patterns_and_subjects(batch_sources, tmp_path, ca
     assert main(sweep_args(batch_sources, tmp_path / "o", "--patterns", "V1", "--subjects", "7")) == 2
     assert "must be one of the bundle's subjects [1, 2]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("template,fill", [("ray-symmetric.sbatch", {}),
+                                           ("array.sbatch", {"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT": "3/16"})])
+def test_the_slurm_templates_are_valid_bash_and_pass_real_cli_options(template, fill):
+    """Not a SLURM run (see deploy/slurm/README.md): the script parses, and the options it adds to a command are
+    ones the CLI accepts, for both kinds of batch command."""
+    import shlex
+
+    from brain_diffuser_core.__main__ import build_parser
+
+    path = ROOT / "deploy/slurm" / template
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if '-m brain_diffuser_core "$@"' in ln)
+    added = line.split('"$@"', 1)[1]
+    for k, v in fill.items():
+        added = added.replace(f'"{k}"', v)
+    added = shlex.split(added)
+    for command in (["sweep", "--bundle", "b", "--nsd-root", "r", "--patterns", "V1", "--out", "o"],
+                    ["reconstruct", "--bundle", "b", "--nsd-root", "r", "--subject", "1", "--out", "o"]):
+        ns = build_parser().parse_args(command + added)
+        assert ns.engine == "ray"
+        assert ns.ray_address == ("auto" if template == "ray-symmetric.sbatch" else None)
+        assert ns.part == (None if template == "ray-symmetric.sbatch" else "3/16")
+
+
+def test_the_roi_designer_pages_through_a_sweep_folder(batch_sources, app, tmp_path):
+    from brain_diffuser_core.__main__ import main
+
+    out = tmp_path / "sweep"
+    assert main(sweep_args(batch_sources, out, "--patterns", "V1,faces", "--subjects", "1", "--seeds", "7",
+                           "--stage1-only")) == 0
+    app.session_state["roi_results_folder"] = str(out)
+    app.run()
+    assert not app.exception, [str(e.value) for e in app.exception]
+    assert any("`sweep`: 14 of 14 items (complete); images: stage1" in c.value for c in app.caption)
+    captions = [c for img in app.get("image") for c in img.captions]
+    seeds = [r["seed"] for r in json.loads((out / "index.json").read_text())["rows"]]
+    assert [c for c in captions if c.startswith("V1 | 1 | seed")] == [f"V1 | 1 | seed {s}" for s in seeds[:7]]
+    assert len([c for c in captions if "| seed" in c]) == 12  # one page
+    app.selectbox(key="roi_results_pattern").set_value("faces").run()
+    captions = [c for img in app.get("image") for c in img.captions if "| seed" in c]
+    assert captions == [f"faces | 1 | seed {s}" for s in seeds[7:]]
+
+
+def test_the_reader_lists_a_reconstruct_folder_and_refuses_other_folders(tmp_path):
+    from brain_diffuser_core.batch.reader import open_results
+
+    run_job(ToyJob(5), tmp_path / "toy", shard_size=2, progress=False, log=None)
+    res = open_results(tmp_path / "toy")
+    assert res.kind == "toy" and res.complete and [r["key"] for r in res.rows] == [f"i{k:03d}" for k in range(5)]
+    assert res.kinds() == ["vec"] and res.image_path(res.rows[0], "vec") == tmp_path / "toy/out/i000_vec.bin"
+    page, n_pages = res.page(res.rows, 2, 2)
+    assert n_pages == 3 and [r["key"] for r in page] == ["i004"]
+    (tmp_path / "toy/shards/shard-00002.json").write_text("{trunc")  # a record being written: not finished
+    assert not open_results(tmp_path / "toy").complete
+    with pytest.raises(ValueError, match="holds no batch results"):
+        open_results(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        open_results(tmp_path / "nope")
+
+
+def test_a_folder_with_nothing_finished_takes_new_settings(tmp_path):
+    out = tmp_path / "out"
+    run_job(ToyJob(0), out, shard_size=3, progress=False, log=None)  # a manifest, no shard
+    s = run_job(ToyJob(3, scale=2.0), out, shard_size=3, progress=False, log=None)
+    assert s.computed == 1 and json.loads((out / "batch.json").read_text())["settings"]["scale"] == 2.0

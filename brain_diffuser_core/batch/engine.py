@@ -43,6 +43,9 @@ class Job(Protocol):
     def open_worker(self) -> Worker:
         """Load the models (once per process / actor) and return the worker."""
 
+    # optional: prepare(store) on the driver before any shard runs; shard_files(shard, outputs) -> {rel: bytes}
+    # for one file per shard made from the items' ``arrays`` (see brain_diffuser_core.batch.extract)
+
 
 def worker_info() -> dict:
     """Who computed a shard: host, pid and (under Ray) the node id."""
@@ -85,7 +88,10 @@ def run_shard(job: Job, worker: Worker, store: ShardStore, shard: Shard, retries
                             "error": f"{type(err).__name__}: {err}", "attempts": attempt + 1,
                             "traceback": traceback.format_exc(limit=6)}
     try:
-        record = store.commit(shard, outputs, worker=worker_info(), seconds=time.perf_counter() - t0)
+        # a job that writes one file per shard (features) makes it from the items' arrays
+        shard_files = job.shard_files(shard, outputs) if hasattr(job, "shard_files") else None
+        record = store.commit(shard, outputs, worker=worker_info(), seconds=time.perf_counter() - t0,
+                              shard_files=shard_files)
     except BatchDiskFullError as err:
         return {"shard": shard.index, "status": "failed", "items": shard.keys, "error": str(err), "fatal": True}
     return {"shard": shard.index, "status": "done", "record": record}
@@ -163,7 +169,11 @@ def run_job(job: Job, out: str | os.PathLike, *, engine=None, shard_size: int = 
     items = job.items()
     shards = plan_shards(items, shard_size)
     settings = {**job.settings(), "shard_size": int(shard_size)}
+    if hasattr(engine, "check"):
+        engine.check(job)  # e.g. GPUs asked of a cluster without any: refused before anything is written
     store = ShardStore(out, job.kind, settings, n_items=len(items), shard_size=shard_size)
+    if hasattr(job, "prepare"):
+        job.prepare(store)  # files the whole job shares (e.g. a feature folder's meta.json)
     mine = _part_of(shards, part)
     summary = BatchSummary(out=str(out), n_shards=len(shards), n_items=len(items))
     records: dict[int, dict] = {}
@@ -178,7 +188,7 @@ def run_job(job: Job, out: str | os.PathLike, *, engine=None, shard_size: int = 
     if log:
         scope = f" (part {part[0]}/{part[1]}: shards {mine[0].index}-{mine[-1].index})" if part and mine else ""
         log(f"{job.kind}: {len(items)} items in {len(shards)} shards{scope}; {summary.skipped} shard(s) done "
-            f"already, {len(todo)} to compute on the {engine.describe()}")
+            f"already, {len(todo)} to run on the {engine.describe()}")
     n_todo_items = sum(len(s.items) for s in todo)
     shard_bar = tqdm(total=len(todo), desc=f"{job.kind} shards", unit="shard", disable=not progress, position=0)
     item_bar = tqdm(total=n_todo_items, desc=f"{job.kind} items", unit="item", disable=not progress, position=1)

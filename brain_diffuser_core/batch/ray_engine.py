@@ -144,6 +144,12 @@ class RayEngine:
                              "Lower --cpus-per-worker or add worker nodes")
         return n, float(need)
 
+    def check(self, job: Job) -> None:
+        """Start Ray and check the job fits the cluster (GPUs asked of a cluster without any), before anything
+        is written."""
+        self.start()
+        self._pool(job)
+
     # ------------------------------------------------------------------ run
     def map_shards(self, job: Job, store: ShardStore, shards: Sequence[Shard], retries: int) -> Iterable[dict]:
         self.start()
@@ -161,9 +167,11 @@ class RayEngine:
         remote = {}
         if self.memory_gb:
             remote["memory"] = int(self.memory_gb * 2**30)
+        # one shard in flight per actor: shards are long, and a shard queued on an actor lost with its node
+        # waits for that actor's restart (which may not fit anywhere) before it is retried
         ds = ray.data.from_items([{"shard": s.index} for s in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(
-            _ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n), num_cpus=self.cpus_per_worker,
+            _ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1), num_cpus=self.cpus_per_worker,
             num_gpus=gpus, fn_constructor_kwargs={"job": job, "store": store, "shards": {s.index: s for s in shards},
                                                   "retries": retries}, **remote)
         for row in ds.iter_rows():

@@ -49,15 +49,18 @@ class BatchDiskFullError(BatchError, OSError):
 
 
 class ItemOutput:
-    """What one item produced: ``files`` {path relative to the output folder: bytes} and ``row`` (JSON values
-    for the index: seed, scores, timings...)."""
+    """What one item produced: ``files`` {path relative to the output folder: bytes}, ``row`` (JSON values
+    for the index: seed, scores, timings...) and ``arrays`` (kept in memory for a job that writes one file per
+    shard, e.g. features: see ``Job.shard_files``)."""
 
-    __slots__ = ("key", "files", "row")
+    __slots__ = ("key", "files", "row", "arrays")
 
-    def __init__(self, key: str, files: Mapping[str, bytes], row: Mapping[str, Any] | None = None):
+    def __init__(self, key: str, files: Mapping[str, bytes] | None = None, row: Mapping[str, Any] | None = None,
+                 arrays: Mapping[str, Any] | None = None):
         self.key = key
-        self.files = dict(files)
+        self.files = dict(files or {})
         self.row = dict(row or {})
+        self.arrays = dict(arrays or {})
 
 
 def _check_relpath(rel: str) -> str:
@@ -79,7 +82,7 @@ class ShardStore:
 
     def __init__(self, out: str | os.PathLike, kind: str, settings: Mapping[str, Any], *, n_items: int = 0,
                  shard_size: int = 1, create: bool = True):
-        self.out = Path(out)
+        self.out = Path(out).resolve()  # workers elsewhere (Ray, SLURM) see the same absolute path
         self.kind = str(kind)
         self.settings = to_jsonable(dict(settings))
         self.fingerprint = fingerprint({"kind": self.kind, "settings": self.settings})
@@ -97,6 +100,9 @@ class ShardStore:
         except OSError as err:
             raise self._os_error(err, self.out) from None
         existing = read_manifest(self.out)
+        if existing is not None and existing.get("fingerprint") != self.fingerprint \
+                and not any((self.out / "shards").glob("shard-*.json")):
+            existing = None  # nothing was finished under the old settings (e.g. refused at start): start afresh
         if existing is None:
             write_bytes(self.manifest_path, (json.dumps(
                 {"format": FORMAT, "version": VERSION, "kind": self.kind, "fingerprint": self.fingerprint,
@@ -126,19 +132,21 @@ class ShardStore:
         if not isinstance(record, dict) or record.get("fingerprint") != self.fingerprint \
                 or record.get("items_digest") != items_digest(shard.items):
             return None
-        for item in record.get("items", []):
-            for rel, meta in item.get("files", {}).items():
+        listed = [record.get("files", {})] + [item.get("files", {}) for item in record.get("items", [])]
+        for files in listed:
+            for rel, meta in files.items():
                 f = self.out / rel
                 try:
                     if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                         return None
-                except (OSError, KeyError, TypeError):
+                except (OSError, KeyError, TypeError, AttributeError):
                     return None
         return record
 
     def commit(self, shard: Shard, outputs: Sequence[ItemOutput], worker: Mapping[str, Any] | None = None,
-               seconds: float | None = None) -> dict:
-        """Write every item's files, then the shard's record (each atomically); returns the record."""
+               seconds: float | None = None, shard_files: Mapping[str, bytes] | None = None) -> dict:
+        """Write every item's files and the shard's own ``shard_files``, then the shard's record (each
+        atomically); returns the record."""
         import hashlib
 
         keys = [o.key for o in outputs]
@@ -153,8 +161,12 @@ class ShardStore:
                 files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             items.append({"key": item.key, "params": to_jsonable(dict(item.params)), "files": files,
                           "row": to_jsonable(o.row)})
+        own = {}
+        for rel, data in (shard_files or {}).items():
+            write_bytes(self.out / _check_relpath(rel), data)
+            own[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         record = {"fingerprint": self.fingerprint, "shard": shard.index, "items_digest": items_digest(shard.items),
-                  "items": items, "worker": to_jsonable(dict(worker or {})), "seconds": seconds}
+                  "items": items, "files": own, "worker": to_jsonable(dict(worker or {})), "seconds": seconds}
         write_bytes(self.record_path(shard), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
         return record
 
@@ -164,11 +176,7 @@ class ShardStore:
         import csv
         import io
 
-        rows = []
-        for rec in sorted(records, key=lambda r: r["shard"]):
-            for item in rec["items"]:
-                rows.append({"key": item["key"], **item["params"], **item["row"],
-                             **{f"file:{Path(rel).stem.rsplit('_', 1)[-1]}": rel for rel in item["files"]}})
+        rows = [item_row(item) for rec in sorted(records, key=lambda r: r["shard"]) for item in rec["items"]]
         columns = list(dict.fromkeys(c for r in rows for c in r))
         write_bytes(self.out / "index.json", (json.dumps(
             {"format": FORMAT, "kind": self.kind, "fingerprint": self.fingerprint, "settings": self.settings,
@@ -183,6 +191,13 @@ class ShardStore:
 
     def _os_error(self, err: OSError, path: Path) -> Exception:
         return disk_error(err, path, self.out)
+
+
+def item_row(item: Mapping[str, Any]) -> dict:
+    """A shard record's item -> its index row: "key", its params, its row values, and "file:<kind>" -> relative
+    path for each file, <kind> being the part of the file name after its last "_" (``000_final.png`` -> final)."""
+    return {"key": item["key"], **item.get("params", {}), **item.get("row", {}),
+            **{f"file:{Path(rel).stem.rsplit('_', 1)[-1]}": rel for rel in item.get("files", {})}}
 
 
 def read_manifest(out: str | os.PathLike) -> dict | None:

@@ -217,7 +217,7 @@ def build_sweep_job(bundle: str, nsd_root: str, patterns: str, subjects: str, n_
     needed = sorted({int(s) for s in labels if s != AVERAGE} | (set(b.subjects) if AVERAGE in labels else set()))
     subs = {}
     for s in needed:
-        subs[s] = load_subject(nsd_root, s, cache_dir=cache_dir, progress=False)
+        subs[s] = load_subject(nsd_root, s, cache_dir=cache_dir, progress=True)
         b.check_subject(s, subs[s].n_voxels, subs[s].mask_sha256)
     hemis = {}
     table: dict[tuple[str, str], dict[int, np.ndarray]] = {}

@@ -67,7 +67,7 @@ def worker_threads(args: argparse.Namespace) -> int | None:
 
 def run_batch(make_job, args: argparse.Namespace):
     """Run the job ``make_job()`` builds into ``args.out`` on the engine the options ask for; prints the summary
-    and returns it. The engine starts (Ray connects) before the job loads anything, so a wrong --ray-address
+    and returns ``(job, summary)``. The engine starts (Ray connects) before the job loads anything, so a wrong --ray-address
     fails at once."""
     from ..batch import parse_part, run_job
 
@@ -83,4 +83,4 @@ def run_batch(make_job, args: argparse.Namespace):
     extra = f"; Ray started in {engine.start_seconds:.1f} s" if getattr(engine, "start_seconds", None) else ""
     print(f"{job.kind}: {summary.computed} shard(s) computed, {summary.skipped} done already, "
           f"{len(summary.rows)} of {summary.n_items} items in {args.out} ({summary.seconds:.1f} s{extra})")
-    return summary
+    return job, summary
