@@ -84,3 +84,20 @@ def run_batch(make_job, args: argparse.Namespace):
     print(f"{job.kind}: {summary.computed} shard(s) computed, {summary.skipped} done already, "
           f"{len(summary.rows)} of {summary.n_items} items in {args.out} ({summary.seconds:.1f} s{extra})")
     return job, summary
+
+
+def add_stage_arguments(p: argparse.ArgumentParser, stage1_help: str = "skip stage 2") -> None:
+    """The generation settings `reconstruct` and `sweep` share (the paper's defaults, config.PAPER)."""
+    from ..config import PAPER
+
+    p.add_argument("--steps", type=int, default=PAPER.stage2.num_inference_steps, help="DDIM steps (50)")
+    p.add_argument("--strength", type=float, default=PAPER.stage2.strength, help="img2img strength (0.75)")
+    p.add_argument("--guidance", type=float, default=PAPER.stage2.guidance_scale, help="CFG scale (7.5)")
+    p.add_argument("--vision-mix", type=float, default=PAPER.stage2.vision_mix, help="vision share of the mix (0.6)")
+    p.add_argument("--stage1-only", action="store_true", help=stage1_help)
+
+
+def stage_overrides(args: argparse.Namespace) -> dict:
+    """The stage settings of :func:`add_stage_arguments` as BrainDiffuser overrides."""
+    return dict(num_inference_steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
+                vision_mix=args.vision_mix)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import PAPER
-from ._engine import ENGINE_HELP, add_engine_arguments, run_batch, worker_threads
+from ._engine import (ENGINE_HELP, add_engine_arguments, add_stage_arguments, run_batch, stage_overrides,
+                      worker_threads)
 
 HELP = "reconstruct test images of a subject with a decoder bundle (PNGs + manifest)"
 
@@ -40,11 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rescale", default="train", choices=("train", "paper", "none"),
                    help="prediction rescaling: train = leave-one-out train statistics (default; no test peeking); "
                         "paper = z-score across the whole test set as the original (for the table); none")
-    p.add_argument("--steps", type=int, default=PAPER.stage2.num_inference_steps, help="DDIM steps (50)")
-    p.add_argument("--strength", type=float, default=PAPER.stage2.strength, help="img2img strength (0.75)")
-    p.add_argument("--guidance", type=float, default=PAPER.stage2.guidance_scale, help="CFG scale (7.5)")
-    p.add_argument("--vision-mix", type=float, default=PAPER.stage2.vision_mix, help="vision share of the mix (0.6)")
-    p.add_argument("--stage1-only", action="store_true", help="skip stage 2")
+    add_stage_arguments(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-arrays cache (as for `prepare`)")
     add_engine_arguments(p, shard_size=4)
@@ -73,8 +70,7 @@ def parse_rows(text: str, n: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from ..batch.reconstruct import ReconstructJob, write_legacy_manifest
 
-    settings = dict(num_inference_steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
-                    vision_mix=args.vision_mix)
+    settings = stage_overrides(args)
 
     def make_job() -> ReconstructJob:
         from pathlib import Path

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import PAPER
-from ._engine import ENGINE_HELP, add_engine_arguments, run_batch, worker_threads
+from ._engine import (ENGINE_HELP, add_engine_arguments, add_stage_arguments, run_batch, stage_overrides,
+                      worker_threads)
 
 HELP = "ROI-optimal scenes for many patterns, subjects and seeds (PNGs + index.csv), resumable, local or on Ray"
 
@@ -41,11 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed when it holds this sweep)")
     p.add_argument("--seed", type=int, default=0, help="base seed (each scene's seed derives from it, the pattern, "
                                                        "the subject and k)")
-    p.add_argument("--steps", type=int, default=PAPER.stage2.num_inference_steps, help="DDIM steps (50)")
-    p.add_argument("--strength", type=float, default=PAPER.stage2.strength, help="img2img strength (0.75)")
-    p.add_argument("--guidance", type=float, default=PAPER.stage2.guidance_scale, help="CFG scale (7.5)")
-    p.add_argument("--vision-mix", type=float, default=PAPER.stage2.vision_mix, help="vision share of the mix (0.6)")
-    p.add_argument("--stage1-only", action="store_true", help="skip stage 2 (VDVAE scenes only)")
+    add_stage_arguments(p, "skip stage 2 (VDVAE scenes only)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="scenes per generation call within a shard (1; part of the settings: batched float math "
                         "may differ in the last bits)")
@@ -59,8 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..batch.sweep import build_sweep_job
 
-    overrides = dict(num_inference_steps=args.steps, strength=args.strength, guidance_scale=args.guidance,
-                     vision_mix=args.vision_mix)
+    overrides = stage_overrides(args)
     run_batch(lambda: build_sweep_job(
         args.bundle, args.nsd_root, args.patterns, args.subjects, args.seeds, base_seed=args.seed,
         run_stage2=not args.stage1_only, overrides=overrides, device=args.device, batch_size=args.batch_size,
