@@ -8,7 +8,7 @@ STAMP := $(VENV)/.requirements-installed
 PORT ?= 8501
 ADDRESS ?= 127.0.0.1
 
-.PHONY: venv test run clean browser
+.PHONY: venv test run clean browser netns
 
 # The real-browser tests (tests/test_browser.py) drive Debian's chromium; Playwright's own browser download
 # is never used. `make browser` installs chromium with apt when it is missing and we are root (or have
@@ -40,8 +40,19 @@ browser:
 		fi; \
 	fi
 
-test: $(STAMP) browser
+test: $(STAMP) browser netns
 	$(PY) -m pytest -q tests
+
+# The Ray cluster tests (tests/test_batch_ray.py) run Ray in a network namespace of its own: `unshare`
+# (util-linux) and `ip` (iproute2), as root. `make netns` installs iproute2 with apt when `ip` is missing.
+netns:
+	@if command -v ip >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1; then \
+		echo "netns: ip and unshare are installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 util-linux; \
+	else \
+		echo "netns: ip (iproute2) or unshare (util-linux) is missing; the Ray cluster tests will fail without them"; \
+	fi
 
 run: $(STAMP)
 	$(PY) -m streamlit run app.py --server.headless true --server.port $(PORT) --server.address $(ADDRESS) --browser.gatherUsageStats false

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from .batch.store import BatchError
 from .cli import COMMANDS
 
 DESCRIPTION = """\
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished steps are kept and a rerun resumes", file=sys.stderr)
         return 130
+    except BatchError as err:  # a batch job (sweep, reconstruct, ...): finished shards are kept
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 3
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

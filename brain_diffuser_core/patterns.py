@@ -5,16 +5,21 @@
   scenes that the decoders generate from the same pattern.
 * :func:`pattern_from_nifti` reads a 3-D (or single-volume 4-D) NIfTI image in the subject's func1pt8mm space
   and samples it at the subject's nsdgeneral voxels.
+* :func:`pattern_to_json` / :func:`pattern_from_json`: ROI-weight patterns saved and loaded as JSON (the ROI
+  designer's files, read back by the app and by the ``sweep`` command).
 """
 from __future__ import annotations
 
 import gzip
 import io
-from typing import Sequence
+import json
+from typing import Mapping, Sequence
 
 import numpy as np
 
 MAX_NIFTI_BYTES = 256 * 2**20  # uncompressed; func1pt8mm float64 volumes are about 6 MB
+PATTERN_FORMAT = "brain-diffuser-explorer/roi-pattern"
+PATTERN_VERSION = 1
 
 
 def top_driving_images(train_fmri: np.ndarray, train_image_ids: np.ndarray, pattern: np.ndarray,
@@ -153,3 +158,46 @@ def pattern_from_nifti(data: bytes, voxel_ijk: np.ndarray, volume_shape: Sequenc
         raise ValueError(f"the volume must hold finite numbers at the subject's voxels; {int(bad.sum())} of "
                          f"{values.size} are NaN/inf (first at voxel ijk {first})")
     return values.astype(np.float32)
+
+
+def pattern_to_json(name: str, weights: Mapping[str, float], hemisphere: str = "both") -> str:
+    """Serialise an ROI-weight pattern: {"format", "version", "name", "weights": {roi: w}, "hemisphere"}."""
+    from .surface import HEMISPHERES
+
+    if hemisphere not in HEMISPHERES:
+        raise ValueError(f"'hemisphere' must be one of {list(HEMISPHERES)}; {hemisphere!r} was provided")
+    return json.dumps({"format": PATTERN_FORMAT, "version": PATTERN_VERSION, "name": str(name),
+                       "weights": {str(k): float(v) for k, v in weights.items()}, "hemisphere": hemisphere},
+                      indent=2)
+
+
+def pattern_from_json(text: str | bytes, known_rois) -> dict:
+    """Parse a pattern file written by :func:`pattern_to_json`; returns {"name", "weights", "hemisphere"}.
+
+    Raises ValueError for invalid JSON, another format, unknown ROI names or non-finite weights.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"the pattern file must be JSON; it could not be parsed ({err})") from None
+    if not isinstance(obj, dict) or obj.get("format") != PATTERN_FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"the pattern file must have \"format\": {PATTERN_FORMAT!r}; {found!r} was found")
+    weights = obj.get("weights")
+    if not isinstance(weights, dict):
+        raise ValueError(f"'weights' must map ROI names to numbers; {type(weights).__name__} was found")
+    known = list(known_rois)
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise ValueError(f"'weights' names ROIs {unknown} that are not in the catalogue {known}")
+    out = {}
+    for k, v in weights.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ValueError(f"weight of ROI {k!r} must be a finite number; {v!r} was found")
+        out[k] = float(v)
+    from .surface import HEMISPHERES
+
+    hemi = obj.get("hemisphere", "both")
+    if hemi not in HEMISPHERES:
+        raise ValueError(f"'hemisphere' must be one of {list(HEMISPHERES)}; {hemi!r} was found")
+    return {"name": str(obj.get("name", "pattern")), "weights": out, "hemisphere": hemi}

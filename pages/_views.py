@@ -11,19 +11,17 @@ The surface science (hemispheres, the voxel -> fsaverage5 map, ROI outlines) liv
 from __future__ import annotations
 
 import io
-import json
-from typing import Mapping
 
 import numpy as np
 
 from brain_diffuser_core.export import png_bytes  # noqa: F401  (re-exported for the pages)
+from brain_diffuser_core.patterns import (  # noqa: F401  (re-exported for the pages; the sweep CLI reads them too)
+    PATTERN_FORMAT, PATTERN_VERSION, pattern_from_json, pattern_to_json)
 from brain_diffuser_core.surface import (  # noqa: F401  (re-exported for the pages and their tests)
     HEMISPHERES, flat_figure, outline_vertices, restrict_to_hemisphere, surface_figure, voxel_figure)
 
 #: largest accepted .npy upload (a float64 NSD subject vector is about 126 KB)
 MAX_NPY_BYTES = 8 * 1024 * 1024
-PATTERN_FORMAT = "brain-diffuser-explorer/roi-pattern"
-PATTERN_VERSION = 1
 
 
 def parse_pattern_npy(data: bytes, n_voxels: int, *, max_bytes: int = MAX_NPY_BYTES) -> np.ndarray:
@@ -55,42 +53,3 @@ def parse_pattern_npy(data: bytes, n_voxels: int, *, max_bytes: int = MAX_NPY_BY
         raise ValueError(f"the array must hold finite numbers; it has {int(bad.sum())} NaN/inf values "
                          f"(first at index {int(np.flatnonzero(bad)[0])})")
     return arr
-
-
-def pattern_to_json(name: str, weights: Mapping[str, float], hemisphere: str = "both") -> str:
-    """Serialise an ROI-weight pattern: {"format", "version", "name", "weights": {roi: w}, "hemisphere"}."""
-    if hemisphere not in HEMISPHERES:
-        raise ValueError(f"'hemisphere' must be one of {list(HEMISPHERES)}; {hemisphere!r} was provided")
-    return json.dumps({"format": PATTERN_FORMAT, "version": PATTERN_VERSION, "name": str(name),
-                       "weights": {str(k): float(v) for k, v in weights.items()}, "hemisphere": hemisphere},
-                      indent=2)
-
-
-def pattern_from_json(text: str | bytes, known_rois) -> dict:
-    """Parse a pattern file written by :func:`pattern_to_json`; returns {"name", "weights", "hemisphere"}.
-
-    Raises ValueError for invalid JSON, another format, unknown ROI names or non-finite weights.
-    """
-    try:
-        obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"the pattern file must be JSON; it could not be parsed ({err})") from None
-    if not isinstance(obj, dict) or obj.get("format") != PATTERN_FORMAT:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"the pattern file must have \"format\": {PATTERN_FORMAT!r}; {found!r} was found")
-    weights = obj.get("weights")
-    if not isinstance(weights, dict):
-        raise ValueError(f"'weights' must map ROI names to numbers; {type(weights).__name__} was found")
-    known = list(known_rois)
-    unknown = sorted(set(weights) - set(known))
-    if unknown:
-        raise ValueError(f"'weights' names ROIs {unknown} that are not in the catalogue {known}")
-    out = {}
-    for k, v in weights.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-            raise ValueError(f"weight of ROI {k!r} must be a finite number; {v!r} was found")
-        out[k] = float(v)
-    hemi = obj.get("hemisphere", "both")
-    if hemi not in HEMISPHERES:
-        raise ValueError(f"'hemisphere' must be one of {list(HEMISPHERES)}; {hemi!r} was found")
-    return {"name": str(obj.get("name", "pattern")), "weights": out, "hemisphere": hemi}

@@ -6,7 +6,7 @@ import streamlit as st
 
 from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.export import reconstructions_zip, zip_item
-from pages import _state, _views
+from pages import _results, _state, _views
 
 MAX_CACHED = 64  # reconstructions kept per session (images only, about 1.6 MB each at 512 px)
 MAX_GALLERY = 32  # trials in one gallery
@@ -184,3 +184,7 @@ if done_ids:
     st.download_button(f"Download the gallery (zip, {n_done})", memo[1],
                        file_name=f"subj{subject:02d}_gallery_{len(done_ids)}trials_seed{ctx.seed}.zip",
                        mime="application/zip", key="browse_dl_zip", on_click="ignore")
+
+# reconstructions made in bulk by `python -m brain_diffuser_core reconstruct` (here or on a cluster)
+st.divider()
+_results.results_section("browse", kind="reconstruct")

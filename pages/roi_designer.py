@@ -16,7 +16,7 @@ from brain_diffuser_core import export, roi_grid, surface
 from brain_diffuser_core import patterns as pattern_lib
 from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.rois import PAPER_ROIS, PAPER_PRESETS, ROI_CATALOGUE, roi_names
-from pages import _state, _surface_view, _views
+from pages import _results, _state, _surface_view, _views
 
 CUSTOM = "(custom)"
 GROUPS = (("The paper's eight ROIs", PAPER_ROIS), ("Fine ROIs", tuple(roi_names("fine"))),
@@ -37,6 +37,8 @@ available = [r for r in ROI_CATALOGUE if all(r in d.roi_names() for d in subject
 st.title("ROI designer")
 st.caption("Weights inside regions of interest make a synthetic fMRI pattern (weight inside the ROI, 0 elsewhere, "
            "not z-scored, as in the paper); the decoders turn it into the scene that region 'prefers'.")
+# scenes made in bulk by `python -m brain_diffuser_core sweep` (here or on a cluster), paged through
+_results.results_section("roi", kind="sweep")
 
 
 N_DRIVING = 8

@@ -35,3 +35,12 @@ def app(sources, monkeypatch):
     from app_sources import make_app_test
 
     return make_app_test(sources, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def batch_sources(sources, tmp_path_factory):
+    """:func:`sources` with a bundle copy whose voxel-mask checksums match the world (the batch commands check
+    them); tests/batch_sources.py."""
+    from batch_sources import make_batch_sources
+
+    return make_batch_sources(sources, tmp_path_factory.mktemp("batch"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import FEATURE_NAMES, PAPER
+from ._engine import ENGINE_HELP, add_engine_arguments, run_batch, worker_threads
 
 HELP = "compute VDVAE and CLIP features of a subject's train and test images (needs model weights)"
 
@@ -16,9 +17,11 @@ Compute the three feature spaces Brain-Diffuser decodes, for every image the sub
   clip_vision  CLIP ViT-L/14 vision tokens (257, 768), Versatile Diffusion's normalisation
 
 Images are streamed from nsd_stimuli.hdf5 one batch at a time (the 40 GB file is never loaded) and written as
-shards under --out/<feature>/; a rerun skips images already written, so an interrupted run resumes.
-The subject must be prepared first (`prepare`): the image list is the one its fMRI arrays use.
+shards under --out/<feature>/ (one per --shard-size images); a rerun skips finished shards, so an interrupted
+run resumes, and a rerun with other settings is refused. The subject must be prepared first (`prepare`): the
+image list is the one its fMRI arrays use.
 
+{ENGINE_HELP}
 example:
   python -m brain_diffuser_core extract --nsd-root /data/nsd --subject 1 --out feats/subj01 \\
       --vdvae /weights/{PAPER.stage1.checkpoint_name} --clip {PAPER.stage2.clip_model_id}
@@ -45,6 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored feature dtype")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-arrays cache (as for `prepare`)")
+    add_engine_arguments(p, shard_size=64)
     p.set_defaults(func=run)
     return p
 
@@ -58,30 +62,20 @@ def _parse_list(text: str, allowed, what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..features.extract import extract_features, image_ids_of
-    from ..nsd import load_subject
-    from ..pipeline import resolve_device
+    from ..batch.extract import build_extract_job
 
     names = _parse_list(args.features, FEATURE_NAMES, "--features")
     splits = _parse_list(args.split, ("train", "test"), "--split")
     if "vdvae" in names and not args.vdvae:
         raise ValueError("'--vdvae' is required to extract vdvae features: pass the checkpoint path "
                          f"({PAPER.stage1.checkpoint_name}) or leave vdvae out of --features")
-    device = resolve_device(args.device)
-    subject = load_subject(args.nsd_root, args.subject, cache_dir=args.cache_dir, progress=True)
-    vdvae = clip = None
-    if "vdvae" in names:
-        from ..features.vdvae import load_vdvae
+    if args.device != "auto" and args.engine == "local":
+        from ..pipeline import resolve_device
 
-        vdvae = load_vdvae(args.vdvae, device=device)
-    if {"clip_text", "clip_vision"} & set(names):
-        from ..features.clip import ClipFeatureExtractor
-
-        clip = ClipFeatureExtractor.from_pretrained(args.clip, device=device)
-    n_images = len(image_ids_of(subject, splits))
-    print(f"subject {args.subject}: {n_images} images ({'+'.join(splits)}) into {args.out} on {device}")
-    counts = extract_features(subject, args.out, vdvae=vdvae, clip=clip, feature_names=names, splits=splits,
-                              batch_size=args.batch_size, dtype=args.dtype, vdvae_mode=args.vdvae_mode,
-                              progress=True)
-    print(f"done: {', '.join(f'{n} {c}' for n, c in counts.items())} of the subject's images in {args.out}")
+        resolve_device(args.device)  # a CUDA device asked of a machine without one: said before any loading
+    _, summary = run_batch(lambda: build_extract_job(
+        args.nsd_root, args.subject, args.out, names, splits, vdvae=args.vdvae, clip=args.clip,
+        vdvae_mode=args.vdvae_mode, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+        threads=worker_threads(args), cache_dir=args.cache_dir), args)
+    print(f"done: {len(summary.rows)} of the subject's {summary.n_items} images ({', '.join(names)}) in {args.out}")
     return 0

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import FEATURE_NAMES, PAPER
 from ..seeding import seed_for
 
-__all__ = ["extract_features", "image_ids_of"]
+__all__ = ["extract_features", "feature_encoders", "image_ids_of"]
 
 #: progress(done_batches, total_batches)
 ProgressFn = Callable[[int, int], None]
@@ -29,6 +29,21 @@ def image_ids_of(subject, splits: Sequence[str] = _SPLITS) -> np.ndarray:
     if bad or not splits:
         raise ValueError(f"'splits' must be a non-empty subset of {list(_SPLITS)}; {list(splits)} was provided")
     return np.unique(np.concatenate([np.asarray(getattr(subject, f"{s}_image_ids"), np.int64) for s in splits]))
+
+
+def feature_encoders(names: Sequence[str], *, vdvae=None, clip=None, vdvae_mode: str = "sample") -> dict:
+    """name -> (per-image shape, fn(uint8 images (k, S, S, 3), captions (k lists) or None, 73k ids (k,)) ->
+    float array (k, *shape)); VDVAE posterior samples seeded per image by ``seed_for("vdvae-encode", id)``.
+    Shared by :func:`extract_features` and the batch ``extract`` job, so both compute the same numbers."""
+    encoders = {}
+    if "vdvae" in names:
+        encoders["vdvae"] = ((vdvae.feature_dim(),), lambda imgs, caps, batch_ids: vdvae.encode(
+            imgs, mode=vdvae_mode, seed=[seed_for("vdvae-encode", int(i)) for i in batch_ids]).cpu().numpy())
+    if "clip_text" in names:
+        encoders["clip_text"] = ((clip.text_tokens, clip.dim), lambda imgs, caps, _: clip.text_embeddings_batch(caps))
+    if "clip_vision" in names:
+        encoders["clip_vision"] = ((clip.vision_tokens, clip.dim), lambda imgs, caps, _: clip.vision_embeddings(imgs))
+    return encoders
 
 
 def extract_features(
@@ -85,14 +100,7 @@ def extract_features(
     ids = image_ids_of(subject, splits)
 
     # 2. Encoders: name -> (per-image shape, fn(images, captions, ids) -> array)
-    encoders = {}
-    if "vdvae" in names:
-        encoders["vdvae"] = ((vdvae.feature_dim(),), lambda imgs, caps, batch_ids: vdvae.encode(
-            imgs, mode=vdvae_mode, seed=[seed_for("vdvae-encode", int(i)) for i in batch_ids]).cpu().numpy())
-    if "clip_text" in names:
-        encoders["clip_text"] = ((clip.text_tokens, clip.dim), lambda imgs, caps, _: clip.text_embeddings_batch(caps))
-    if "clip_vision" in names:
-        encoders["clip_vision"] = ((clip.vision_tokens, clip.dim), lambda imgs, caps, _: clip.vision_embeddings(imgs))
+    encoders = feature_encoders(names, vdvae=vdvae, clip=clip, vdvae_mode=vdvae_mode)
 
     # 3. What is still to do
     writers = {n: FeatureWriter(out, n, encoders[n][0], dtype=dtype) for n in names}
