@@ -215,7 +215,7 @@ def test_configs_keep_the_real_constraints():
     assert real["image_unet"]["block_out_channels"] == [320, 640, 1280, 1280]
     assert real["image_unet"]["cross_attention_dim"] == PAPER.stage2.clip_dim
     assert real["vae"]["scaling_factor"] == PAPER.stage2.vae_scaling_factor
-    with pytest.raises(ValueError, match="'size' must be one of \\['real', 'tiny'\\]; 'huge'"):
+    with pytest.raises(ValueError, match="'size' must be one of \\[.*'tiny'.*\\]; 'huge'"):
         vd_configs("huge")
 
 
