@@ -46,8 +46,11 @@ demo_note = ""
 if source == "folder":
     bundle_text = sb.text_input("Bundle folder", key="bundle_folder", placeholder="/path/to/bundle")
     nsd_text = sb.text_input("NSD root", key="nsd_root_folder", placeholder="/path/to/nsd")
+    policy = _state.folder_policy()
+    if policy.restricted:
+        sb.caption("This server is shared beyond this computer: only folders the presenter allowed open.")
     try:
-        bundle, nsd_root = _state.check_folder_sources(bundle_text, nsd_text)
+        bundle, nsd_root = _state.check_folder_sources(bundle_text, nsd_text, policy)
     except ValueError as err:
         sb.error(str(err))
         st.info("Enter a bundle folder and its NSD root in the sidebar, or choose the demo.")

@@ -114,17 +114,28 @@ def demo_sources_with_progress() -> tuple[str, str, str]:
 _DEMO_CHECKED: list = []  # non-empty once this process has built or checked the demo
 
 
-def check_folder_sources(bundle_text: str, nsd_text: str):
+def folder_policy():
+    """The :class:`~brain_diffuser_core.access.FolderPolicy` for this server: streamlit's ``server.address``
+    decides (loopback: any folder; beyond: only the allowed roots, ``$BRAIN_DIFFUSER_ROOTS``)."""
+    from brain_diffuser_core.access import FolderPolicy
+
+    return FolderPolicy(st.get_option("server.address"))
+
+
+def check_folder_sources(bundle_text: str, nsd_text: str, policy=None):
     """Validate the sidebar's folder inputs; returns (Bundle, nsd_root Path).
 
+    policy : a :class:`~brain_diffuser_core.access.FolderPolicy` (default: :func:`folder_policy`); a refused
+        folder raises its AccessError (a ValueError) before anything is read from it.
     Raises ValueError naming the input, what was expected and what was found.
     """
     from brain_diffuser_core.bundle import BundleError
 
+    policy = folder_policy() if policy is None else policy
     bundle_text, nsd_text = (bundle_text or "").strip(), (nsd_text or "").strip()
     if not bundle_text:
         raise ValueError("'Bundle folder' must be a folder holding manifest.json; nothing was entered")
-    folder = Path(bundle_text).expanduser()
+    folder = policy.bundle_folder(bundle_text)
     if not folder.is_dir():
         raise ValueError(f"'Bundle folder' must be an existing folder; {str(folder)!r} does not exist")
     if not (folder / "manifest.json").is_file():
@@ -137,7 +148,7 @@ def check_folder_sources(bundle_text: str, nsd_text: str):
     if not nsd_text:
         raise ValueError("'NSD root' must be the folder holding nsddata/, nsddata_betas/ and nsddata_stimuli/; "
                          "nothing was entered")
-    root = Path(nsd_text).expanduser()
+    root = policy.nsd_root(nsd_text)
     if not (root / "nsddata").is_dir():
         raise ValueError(f"'NSD root' must hold an nsddata/ folder; {str(root)!r} has none")
     return bundle, root.resolve()

@@ -35,3 +35,16 @@ def app(sources, monkeypatch):
     from app_sources import make_app_test
 
     return make_app_test(sources, monkeypatch)
+
+
+@pytest.fixture
+def loopback():
+    """streamlit's server.address set to 127.0.0.1 for the test (as `make run` serves): any folder opens."""
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    try:
+        yield
+    finally:
+        config.set_option("server.address", before)

@@ -23,7 +23,7 @@ def _errors(at) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ frame
-def test_frame_rejects_bad_bundle_folders(app, tmp_path):
+def test_frame_rejects_bad_bundle_folders(app, tmp_path, loopback):
     app.session_state["bundle_folder"] = str(tmp_path / "nope")
     app.run()
     assert not app.exception
@@ -486,3 +486,40 @@ def test_default_cpu_threads_env_and_half_the_cores(monkeypatch):
         monkeypatch.setenv(_state.THREADS_ENV, bad)
         with pytest.raises(ValueError, match="BRAIN_DIFFUSER_THREADS"):
             _state.default_cpu_threads()
+
+
+# ------------------------------------------------------------------------------------------------ shared server
+def test_frame_shared_server_refuses_folders_outside_the_roots(app, sources, tmp_path, monkeypatch):
+    """Served beyond loopback (AppTest has no server.address), a folder outside $BRAIN_DIFFUSER_ROOTS is refused
+    with one message whether it exists or not; the same user then opens an allowed bundle and the app works."""
+    import os
+    import shutil
+
+    bundle, world, _ = sources
+    monkeypatch.setenv("BRAIN_DIFFUSER_ROOTS", str(Path(bundle).resolve().parent))  # the sources only
+    secret = tmp_path / "secret"
+    shutil.copytree(bundle, secret)  # a real bundle, outside the roots
+    link = Path(bundle).resolve().parent / f"link-{tmp_path.name}"
+    os.symlink(secret, link)
+    try:
+        seen = {}
+        for name, text in (("existing", str(secret)), ("missing", str(tmp_path / "nope")), ("symlink", str(link))):
+            app.session_state["bundle_folder"] = text
+            app.run()
+            assert not app.exception
+            errors = [e.value for e in app.sidebar.error]
+            assert len(errors) == 1 and "presenter allowed" in errors[0], errors
+            seen[name] = errors[0].replace(repr(text), "<entered>")
+        assert len(set(seen.values())) == 1, seen  # missing and forbidden look the same
+        assert "does not exist" not in seen["missing"]
+        print("refused:", seen["existing"])
+        app.session_state["bundle_folder"] = str(Path(bundle).parent / "x" / ".." / Path(bundle).name)
+        app.run()
+        assert any("must not contain '..'" in e.value for e in app.sidebar.error)
+        app.session_state["bundle_folder"] = bundle
+        app.run()
+        assert not _errors(app), _errors(app)
+        assert app.title[0].value == "ROI designer"
+        assert any("only folders the presenter allowed" in c.value for c in app.sidebar.caption)
+    finally:
+        link.unlink()
