@@ -282,3 +282,24 @@ def test_the_heartbeat_repeats_the_place_and_lets_a_waiter_leave():
     q.acquire(lambda p: beats.append(("alone", p)))  # no wait: told 0 at once, no beats
     assert beats[-1] == ("alone", 0)
     q.release()
+
+
+def test_the_queue_logs_tickets_withdrawals_and_the_queue_length(caplog):
+    """The server log tells what happened to a user who left while queued (tests/test_browser.py reads it)."""
+    import logging
+
+    from brain_diffuser_core.pipeline import GenerationQueue
+
+    caplog.set_level(logging.INFO, logger="brain_diffuser_core.pipeline")
+    q = GenerationQueue()
+    q.acquire()
+
+    def leave(position):
+        raise KeyboardInterrupt(f"left at place {position}")
+
+    with pytest.raises(KeyboardInterrupt):
+        q.acquire(leave)
+    q.release()
+    assert [r.getMessage().removeprefix("generation queue: ") for r in caplog.records] == [
+        "ticket 0 drawn, queue length 1", "ticket 0 runs", "ticket 1 drawn, queue length 2",
+        "ticket 1 withdrawn while waiting (KeyboardInterrupt), queue length 1", "ticket 0 done, queue length 0"]
