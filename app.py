@@ -33,6 +33,34 @@ page = st.navigation(PAGES)
 sb = st.sidebar
 sb.title("Brain-Diffuser Explorer")
 
+# 0. Lab meeting: who presents, and whether this session follows the presenter (pages/_state.py, "presenter")
+from brain_diffuser_core import access, presenter  # noqa: E402
+
+loopback = access.is_loopback(st.get_option("server.address"))
+with sb.expander("Lab meeting", expanded=_state.following()):
+    if presenter.presenter_token():
+        entered_token = st.text_input("Presenter token", type="password", key="presenter_token",
+                                      help="The presenter's token ($BRAIN_DIFFUSER_PRESENTER_TOKEN): students leave "
+                                           "it empty.")
+    else:
+        entered_token = ""
+    is_presenter = presenter.is_presenter(entered_token, loopback=loopback)
+    following = _state.follow_toggle(
+        help="Your page, trial, pattern and settings follow the presenter's, and the presenter's "
+             "results are shown without running them again. Turn off to explore on your own.")
+    if is_presenter and not following:
+        st.caption("You present: students who follow see your page, settings and results.")
+    elif following and not _state.presenter_stage().version(_state.FRAME_SCENE):
+        st.caption("The presenter has not shown anything yet." if presenter.presenter_token() or loopback else
+                   "No one can present on this server: the presenter sets $BRAIN_DIFFUSER_PRESENTER_TOKEN before "
+                   "starting the app.")
+FRAME_KEYS = ("bundle_source", "bundle_folder", "nsd_root_folder", "subject", "seed", "num_inference_steps")
+if _state.follow_scene(_state.FRAME_SCENE, FRAME_KEYS):
+    shown = _state.presenter_stage().scene(_state.FRAME_SCENE).values.get("page")
+    target = [p for p in PAGES if p.title == shown]
+    if target and shown != page.title:
+        st.switch_page(target[0])
+
 # 1. Bundle and data ($BRAIN_DIFFUSER_BUNDLE / $BRAIN_DIFFUSER_NSD_ROOT preselect a folder bundle)
 if os.environ.get("BRAIN_DIFFUSER_BUNDLE"):
     st.session_state.setdefault("bundle_source", "folder")
@@ -46,8 +74,11 @@ demo_note = ""
 if source == "folder":
     bundle_text = sb.text_input("Bundle folder", key="bundle_folder", placeholder="/path/to/bundle")
     nsd_text = sb.text_input("NSD root", key="nsd_root_folder", placeholder="/path/to/nsd")
+    policy = _state.folder_policy()
+    if policy.restricted:
+        sb.caption("This server is shared beyond this computer: only folders the presenter allowed open.")
     try:
-        bundle, nsd_root = _state.check_folder_sources(bundle_text, nsd_text)
+        bundle, nsd_root = _state.check_folder_sources(bundle_text, nsd_text, policy)
     except ValueError as err:
         sb.error(str(err))
         st.info("Enter a bundle folder and its NSD root in the sidebar, or choose the demo.")
@@ -104,5 +135,10 @@ if queued:
 
 st.session_state[_state.CONTEXT_KEY] = _state.AppContext(
     bundle_path=bundle_path, nsd_root=nsd_root, subject=subject, subjects=subjects, device=device, seed=seed,
-    num_inference_steps=steps, demo_note=demo_note)
+    num_inference_steps=steps, demo_note=demo_note, presenter=is_presenter and not following, following=following)
+_state.publish_scene(_state.FRAME_SCENE, {**{k: st.session_state[k] for k in FRAME_KEYS if k in st.session_state},
+                                                "page": page.title})
+if following:
+    with sb:
+        _state.watch_presenter((_state.FRAME_SCENE, page.title))
 page.run()

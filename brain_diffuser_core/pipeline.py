@@ -25,6 +25,7 @@ Euclidean norm of the training features; the subject average is the mean of the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,8 @@ import torch
 from .bundle import Bundle, BundleError, load_bundle
 from .config import FEATURE_NAMES, PAPER, StageOneConfig, StageTwoConfig, mode
 from .seeding import seed_for
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Reconstruction", "GenerativeModels", "BrainDiffuser", "GenerationError", "GenerationQueue",
            "resolve_device"]
@@ -80,11 +83,16 @@ class GenerationQueue:
 
     # ------------------------------------------------------------------ lock protocol
     def acquire(self, on_wait: WaitCallback | None = None) -> None:
-        """Wait for this caller's turn (FIFO); ``on_wait`` as in the class docstring (default: :meth:`report_to`'s)."""
+        """Wait for this caller's turn (FIFO); ``on_wait`` as in the class docstring (default: :meth:`report_to`'s).
+
+        Logs (logger ``brain_diffuser_core.pipeline``, INFO) each ticket drawn, run, withdrawn and done with the
+        queue length then, so a server log shows what happened to a user who left while queued."""
         on_wait = on_wait if on_wait is not None else getattr(self._local, "on_wait", None)
         with self._cond:
             ticket = self._next
             self._next += 1
+            length = self._ahead(self._next)
+        _log.info("generation queue: ticket %d drawn, queue length %d", ticket, length)
         reported, beat = None, False
         try:
             while True:
@@ -98,9 +106,12 @@ class GenerationQueue:
                     on_wait(position)
                 reported, beat = position, False
                 if position == 0:
+                    _log.info("generation queue: ticket %d runs", ticket)
                     return
-        except BaseException:
+        except BaseException as err:
             self._withdraw(ticket)
+            _log.info("generation queue: ticket %d withdrawn while waiting (%s), queue length %d", ticket,
+                      type(err).__name__, self.queue_length())
             raise
 
     def release(self) -> None:
@@ -108,7 +119,10 @@ class GenerationQueue:
         with self._cond:
             if self._serving >= self._next:
                 raise RuntimeError("GenerationQueue.release() was called while no generation holds the queue")
+            done = self._serving
             self._advance()
+            length = self._ahead(self._next)
+        _log.info("generation queue: ticket %d done, queue length %d", done, length)
 
     def _advance(self) -> None:
         self._serving += 1

@@ -50,6 +50,8 @@ class AppContext:
     seed: int
     num_inference_steps: int
     demo_note: str = ""
+    presenter: bool = False  # this session presents (brain_diffuser_core.presenter.is_presenter) and does not follow
+    following: bool = False  # this session follows the presenter (its widgets take the presenter's values)
 
     @property
     def single_subjects(self) -> tuple[int, ...]:
@@ -114,17 +116,28 @@ def demo_sources_with_progress() -> tuple[str, str, str]:
 _DEMO_CHECKED: list = []  # non-empty once this process has built or checked the demo
 
 
-def check_folder_sources(bundle_text: str, nsd_text: str):
+def folder_policy():
+    """The :class:`~brain_diffuser_core.access.FolderPolicy` for this server: streamlit's ``server.address``
+    decides (loopback: any folder; beyond: only the allowed roots, ``$BRAIN_DIFFUSER_ROOTS``)."""
+    from brain_diffuser_core.access import FolderPolicy
+
+    return FolderPolicy(st.get_option("server.address"))
+
+
+def check_folder_sources(bundle_text: str, nsd_text: str, policy=None):
     """Validate the sidebar's folder inputs; returns (Bundle, nsd_root Path).
 
+    policy : a :class:`~brain_diffuser_core.access.FolderPolicy` (default: :func:`folder_policy`); a refused
+        folder raises its AccessError (a ValueError) before anything is read from it.
     Raises ValueError naming the input, what was expected and what was found.
     """
     from brain_diffuser_core.bundle import BundleError
 
+    policy = folder_policy() if policy is None else policy
     bundle_text, nsd_text = (bundle_text or "").strip(), (nsd_text or "").strip()
     if not bundle_text:
         raise ValueError("'Bundle folder' must be a folder holding manifest.json; nothing was entered")
-    folder = Path(bundle_text).expanduser()
+    folder = policy.bundle_folder(bundle_text)
     if not folder.is_dir():
         raise ValueError(f"'Bundle folder' must be an existing folder; {str(folder)!r} does not exist")
     if not (folder / "manifest.json").is_file():
@@ -137,7 +150,7 @@ def check_folder_sources(bundle_text: str, nsd_text: str):
     if not nsd_text:
         raise ValueError("'NSD root' must be the folder holding nsddata/, nsddata_betas/ and nsddata_stimuli/; "
                          "nothing was entered")
-    root = Path(nsd_text).expanduser()
+    root = policy.nsd_root(nsd_text)
     if not (root / "nsddata").is_dir():
         raise ValueError(f"'NSD root' must hold an nsddata/ folder; {str(root)!r} has none")
     return bundle, root.resolve()
@@ -156,11 +169,26 @@ def diffuser(bundle_path: str, device: str = "auto"):
     """:class:`~brain_diffuser_core.pipeline.BrainDiffuser` for a bundle folder on ``device`` (shared)."""
     from brain_diffuser_core.pipeline import BrainDiffuser
 
+    log_queue_events()
     bd = BrainDiffuser(bundle_path, device=device)
     # a queued page hears its place again every second: a user who left while waiting is then noticed (Streamlit
     # stops the script at its next element update) and the queue drops that ticket
     bd.models.lock.heartbeat_s = QUEUE_HEARTBEAT_S
     return bd
+
+
+def log_queue_events() -> None:
+    """Send the generation queue's INFO lines (ticket drawn / runs / withdrawn / done, with the queue length) to
+    the server's stderr, once per process: the log shows what happened to a user who left while queued."""
+    import logging
+
+    log = logging.getLogger("brain_diffuser_core.pipeline")
+    if not any(getattr(h, "bde_queue", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.bde_queue = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 @st.cache_resource(show_spinner="Reading the subject's fMRI...", max_entries=8)
@@ -228,16 +256,9 @@ def default_cpu_threads() -> int:
     """
     import os
 
-    text = os.environ.get(THREADS_ENV, "").strip()
-    if text:
-        try:
-            n = int(text)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"${THREADS_ENV} must be a whole number >= 1; {text!r} was provided")
-        return n
-    return max(1, (os.cpu_count() or 2) // 2)
+    from brain_diffuser_core.limits import env_number
+
+    return env_number(THREADS_ENV, max(1, (os.cpu_count() or 2) // 2))
 
 
 @st.cache_resource
@@ -263,6 +284,59 @@ def queue_reporter(status, running: str):
     def on_wait(position: int) -> None:
         status.update(label=wait_label(position, running), state="running")
     return on_wait
+
+
+@st.cache_resource
+def server_cache_pool():
+    """The byte budget every session's result caches share (``$BRAIN_DIFFUSER_SERVER_CACHE_MB``, default 1 GiB):
+    past it the least recently used results of any session are evicted. One per server process."""
+    from brain_diffuser_core import limits
+
+    return limits.BytePool(limits.env_mib(limits.SERVER_CACHE_ENV, limits.DEFAULT_SERVER_CACHE_MB))
+
+
+def session_cache(name: str):
+    """This session's result cache ``name`` (a :class:`~brain_diffuser_core.limits.ByteLRU` in session state):
+    bounded in bytes (``$BRAIN_DIFFUSER_SESSION_CACHE_MB``, default 128 MiB) and by the server's pool; the
+    least recently used results are evicted first. Read entries with ``get`` (another session may evict)."""
+    from brain_diffuser_core import limits
+
+    cache = st.session_state.get(name)
+    if not isinstance(cache, limits.ByteLRU):
+        max_bytes = limits.env_mib(limits.SESSION_CACHE_ENV, limits.DEFAULT_SESSION_CACHE_MB)
+        cache = st.session_state[name] = limits.ByteLRU(max_bytes, pool=server_cache_pool())
+    return cache
+
+
+def upload_limit_bytes() -> int:
+    """Largest upload (``$BRAIN_DIFFUSER_UPLOAD_MB``, default 16 MiB), checked by :func:`refuse_upload`."""
+    from brain_diffuser_core import limits
+
+    return limits.env_mib(limits.UPLOAD_MB_ENV, limits.DEFAULT_UPLOAD_MB)
+
+
+def upload_limit_mb() -> int:
+    """:func:`upload_limit_bytes` in whole MiB (at least 1) for ``st.file_uploader(max_upload_size=...)``: the
+    browser then refuses bigger files before sending them."""
+    import math
+
+    return max(1, math.ceil(upload_limit_bytes() / 2**20))
+
+
+def refuse_upload(upload) -> str:
+    """"" when this session may use ``upload`` (an ``st.file_uploader`` file), else why not: over the size limit,
+    or one upload too many in a minute from this session (``$BRAIN_DIFFUSER_UPLOADS_PER_MINUTE``, default 10)."""
+    from brain_diffuser_core import limits
+
+    gate = st.session_state.get("upload_gate")
+    if not isinstance(gate, limits.UploadGate):
+        per_minute = limits.env_number(limits.UPLOADS_PER_MINUTE_ENV, limits.DEFAULT_UPLOADS_PER_MINUTE)
+        gate = st.session_state["upload_gate"] = limits.UploadGate(upload_limit_bytes(), per_minute)
+    try:
+        gate.check(upload.file_id, upload.name, upload.size)
+    except limits.UploadRefused as err:
+        return str(err)
+    return ""
 
 
 def strip_features(rec):
@@ -304,3 +378,80 @@ def clip_banks(bundle_path: str, nsd_root: str, subject: int, device: str = "aut
     text = neighbours.caption_bank(extractor, captions)
     vision = neighbours.image_bank(extractor, np.stack([subj.image(int(i)) for i in ids]))
     return {"ids": ids, "captions": captions, "text": text, "vision": vision, "clip": where}, ""
+
+
+# ------------------------------------------------------------------------------------------------ presenter
+FOLLOW_KEY = "follow_presenter"  # the toggle's widget key
+_FOLLOW_ON = "follow_presenter_on"  # its value kept outside the widget: a page switch resets widget state
+FOLLOW_POLL_S = 2.0  # seconds between a follower's checks for the presenter's changes
+FRAME_SCENE = "frame"  # the sidebar's choices and the presenter's page
+
+
+@st.cache_resource
+def presenter_stage():
+    """The server-wide :class:`~brain_diffuser_core.presenter.Stage` (one per process, shared by every session)."""
+    from brain_diffuser_core.presenter import Stage
+
+    return Stage()
+
+
+def following() -> bool:
+    """Whether this session follows the presenter (the sidebar's toggle, :func:`follow_toggle`)."""
+    return bool(st.session_state.get(_FOLLOW_ON))
+
+
+def follow_toggle(help: str) -> bool:
+    """The "Follow the presenter" toggle; returns :func:`following`. Its value survives the page switch that
+    following the presenter's page makes (widget state alone does not)."""
+    st.session_state[FOLLOW_KEY] = following()
+
+    def changed() -> None:
+        st.session_state[_FOLLOW_ON] = bool(st.session_state[FOLLOW_KEY])
+
+    st.toggle("Follow the presenter", key=FOLLOW_KEY, on_change=changed, help=help)
+    return following()
+
+
+def follow_scene(name: str, keys) -> bool:
+    """When this session follows the presenter, set its widget values ``keys`` to the presenter's ones of scene
+    ``name`` (call before those widgets exist); returns whether it follows."""
+    if not following():
+        return False
+    values = presenter_stage().scene(name).values
+    for k in keys:
+        if k in values:
+            st.session_state[k] = values[k]
+    return True
+
+
+def publish_scene(name: str, values: dict) -> None:
+    """The presenter's widget values of scene ``name``, for the followers (no-op for other sessions)."""
+    ctx = st.session_state.get(CONTEXT_KEY)
+    if ctx is not None and ctx.presenter:
+        presenter_stage().publish(name, values)
+
+
+def publish_result(name: str, key, result) -> None:
+    """The presenter's latest result of scene ``name`` (computed for ``key``), shared with every session whose own
+    key matches (no-op for other sessions)."""
+    ctx = st.session_state.get(CONTEXT_KEY)
+    if ctx is not None and ctx.presenter:
+        presenter_stage().publish_result(name, key, result)
+
+
+def shared_result(name: str, key):
+    """The presenter's result of scene ``name`` if it was computed for ``key`` (this session's own settings),
+    else None: the same generation is not run again."""
+    return presenter_stage().result(name, key)
+
+
+@st.fragment(run_every=FOLLOW_POLL_S)
+def _watch_presenter(names: tuple[str, ...], seen: tuple[int, ...]) -> None:
+    if tuple(presenter_stage().version(n) for n in names) != seen:
+        st.rerun()  # the whole app: the follower's widgets take the presenter's new values
+
+
+def watch_presenter(names: tuple[str, ...]) -> None:
+    """For a follower: rerun the app when the presenter changes one of the scenes ``names`` (checked every
+    :data:`FOLLOW_POLL_S` seconds by a fragment that draws nothing)."""
+    _watch_presenter(tuple(names), tuple(presenter_stage().version(n) for n in names))

@@ -8,7 +8,6 @@ from brain_diffuser_core.download import missing_data_hint
 from brain_diffuser_core.export import reconstructions_zip, zip_item
 from pages import _results, _state, _views
 
-MAX_CACHED = 64  # reconstructions kept per session (images only, about 1.6 MB each at 512 px)
 MAX_GALLERY = 32  # trials in one gallery
 GALLERY_BATCH = 4  # trials per generation batch
 GALLERY_COLUMNS = 3  # trials per gallery row (each shows original | final)
@@ -70,13 +69,11 @@ def result_key(image_id: int) -> tuple:
 
 
 def remember(rec, image_id: int) -> None:
-    while len(results) >= MAX_CACHED:
-        results.pop(next(iter(results)))
-    results[result_key(image_id)] = _state.strip_features(rec)
+    results.store(result_key(image_id), _state.strip_features(rec))  # images only (about 1.6 MB at 512 px)
 
 
 key = result_key(image_id)
-results: dict = st.session_state.setdefault("browse_results", {})
+results = _state.session_cache("browse_results")  # bounded in bytes, this session's and the server's
 c1, c2 = st.columns([1, 3])
 live = c1.checkbox("Run live (stream diffusion previews)", value=True, key="browse_live")
 run = c1.button("Reconstruct" if key not in results else "Reconstructed (cached)", type="primary",
@@ -162,12 +159,13 @@ if run_gallery:
         bar.progress(done / len(missing), text=f"{done} of {len(missing)} trials")
     status.update(label=f"Reconstructed {len(missing)} trial(s)", state="complete", expanded=False)
 
-done_ids = [i for i in gallery_ids if result_key(i) in results]
+done = {i: results.get(result_key(i)) for i in gallery_ids}  # one read each: another session may evict
+done_ids = [i for i in gallery_ids if done[i] is not None]
 for start in range(0, len(gallery_ids), GALLERY_COLUMNS):
     cols = st.columns(2 * GALLERY_COLUMNS)
     for k, i in enumerate(gallery_ids[start:start + GALLERY_COLUMNS]):
         cols[2 * k].image(subj.image(i), caption=f"{i}: original", width="stretch")
-        rec = results.get(result_key(i))
+        rec = done[i]
         if rec is not None:
             cols[2 * k + 1].image(rec.final, caption=f"{i}: final (seed {rec.seed})", width="stretch")
         else:
@@ -176,7 +174,7 @@ if done_ids:
     zip_key = tuple(result_key(i) for i in done_ids)
     memo = st.session_state.get("browse_zip")
     if memo is None or memo[0] != zip_key:  # build once per selection, not on every rerun
-        items = [zip_item(i, results[result_key(i)], original=subj.image(i)) for i in done_ids]
+        items = [zip_item(i, done[i], original=subj.image(i)) for i in done_ids]
         memo = (zip_key, reconstructions_zip(items, extra={"bundle": ctx.bundle_path, "subject": subject,
                                                            "base_seed": ctx.seed}))
         st.session_state["browse_zip"] = memo

@@ -34,6 +34,10 @@ for s in subjects:
         st.stop()
 available = [r for r in ROI_CATALOGUE if all(r in d.roi_names() for d in subject_data.values())]
 
+SCENE = "ROI designer"  # the presenter's scene (pages/_state.py, "presenter"): weights, preset, hemisphere, seeds
+SCENE_KEYS = tuple(f"roi_w_{roi}" for roi in ROI_CATALOGUE) + ("roi_preset", "roi_hemisphere", "roi_n_seeds")
+_state.follow_scene(SCENE, SCENE_KEYS)
+
 st.title("ROI designer")
 st.caption("Weights inside regions of interest make a synthetic fMRI pattern (weight inside the ROI, 0 elsewhere, "
            "not z-scored, as in the paper); the decoders turn it into the scene that region 'prefers'.")
@@ -80,8 +84,12 @@ def _on_preset() -> None:
 
 # 1. Load a saved pattern (before the sliders exist, so it can set them)
 with st.expander("Load a saved pattern"):
-    loaded = st.file_uploader("Load pattern JSON", type=["json"], key="roi_load_json")
-    if loaded is not None and st.session_state.get("roi_loaded_id") != loaded.file_id:
+    loaded = st.file_uploader("Load pattern JSON", type=["json"], key="roi_load_json",
+                              max_upload_size=_state.upload_limit_mb())
+    refused = _state.refuse_upload(loaded) if loaded is not None else ""
+    if refused:
+        st.error(refused)
+    elif loaded is not None and st.session_state.get("roi_loaded_id") != loaded.file_id:
         st.session_state["roi_loaded_id"] = loaded.file_id
         try:
             spec = _views.pattern_from_json(loaded.getvalue(), available)
@@ -107,18 +115,22 @@ with left:
                 spec = ROI_CATALOGUE[roi]
                 st.slider(f"{roi}: {spec.description}", -1.0, 2.0, step=0.1, key=_wkey(roi))
 weights = {r: float(st.session_state[_wkey(r)]) for r in available if st.session_state[_wkey(r)] != 0}
+_state.publish_scene(SCENE, {k: st.session_state[k] for k in SCENE_KEYS if k in st.session_state})
 
 # 3. Optional uploaded voxel vector (one subject)
 with left:
     upload = st.file_uploader("...or upload a pattern: a voxel vector (.npy, one value per voxel) or a volume in "
                               "the subject's func1pt8mm space (.nii, .nii.gz)", type=["npy", "nii", "nii.gz"],
-                              key="roi_upload_npy")
+                              key="roi_upload_npy", max_upload_size=_state.upload_limit_mb())
     surface_upload, surface_upload_names = _surface_view.surface_upload(
         "...and, to compare, a pattern already on the surface: one GIfTI (.gii) or FreeSurfer (.mgz) file per "
         "hemisphere on fsaverage (163,842 vertices) or fsaverage5 (10,242), lh./rh. in the name (shown, not "
         "decoded)", key="roi_upload_surface")
 uploaded_vector = None
-if upload is not None:
+refused = _state.refuse_upload(upload) if upload is not None else ""
+if refused:
+    left.error(refused)
+elif upload is not None:
     if ctx.subject == _state.AVERAGE:
         left.error("An uploaded vector belongs to one subject's voxels: choose a single subject in the sidebar.")
     else:
@@ -188,7 +200,7 @@ go = gen_left.button("Generate", type="primary", key="roi_generate",
 digest = hashlib.sha256(b"".join(patterns[s].tobytes() for s in sorted(patterns))).hexdigest()
 result_key = (ctx.bundle_path, tuple(sorted(patterns)), pattern_name, digest, n_seeds, ctx.seed,
               ctx.num_inference_steps)
-results = st.session_state.setdefault("roi_results", {})
+results = _state.session_cache("roi_results")  # bounded in bytes, this session's and the server's
 if go:
     status = gen_right.status("Generating...", expanded=False)
     bar = gen_right.progress(0.0, text="decoding features")
@@ -207,9 +219,14 @@ if go:
     else:
         bar.progress(1.0, text="done")
         status.update(label=f"Generated {len(recs)} scene(s) in {recs[0].timings['total']:.1f} s", state="complete")
-        results.clear()  # keep only the latest set: images are large
-        results[result_key] = recs
+        results.store(result_key, recs)
+        _state.publish_result(SCENE, result_key, recs)
 recs = results.get(result_key)
+if recs is None:
+    recs = _state.shared_result(SCENE, result_key)  # the presenter generated this very pattern and settings
+    if recs is not None:
+        gen_right.caption("Shown from the presenter's generation of this pattern (same settings): nothing was run "
+                          "again.")
 if recs:
     cols = gen_right.columns(min(len(recs), 4))
     for i, rec in enumerate(recs):

@@ -20,6 +20,10 @@ except FileNotFoundError as err:  # a folder bundle's NSD root without the subje
 test_ids = [int(i) for i in subj.test_image_ids]
 s2 = PAPER.stage2
 
+SCENE = "Walkthrough"  # the presenter's scene (pages/_state.py, "presenter"): its trial and sliders
+SCENE_KEYS = ("walk_index", "walk_strength", "walk_mix", "walk_guidance")
+_state.follow_scene(SCENE, SCENE_KEYS)
+
 st.title("Walkthrough")
 st.caption("One test trial of subject %d through both stages. Defaults are the paper's." % subject)
 
@@ -38,10 +42,11 @@ guidance = c.slider("Guidance scale", 1.0, 15.0, float(s2.guidance_scale), 0.5, 
 c.caption("Classifier-free guidance: how far each step is pushed away from the unconditional prediction "
           f"toward the decoded features (the paper: {s2.guidance_scale:g}); 1 turns it off.")
 
+_state.publish_scene(SCENE, {k: st.session_state[k] for k in SCENE_KEYS})
 settings = {"strength": strength, "vision_mix": vision_mix, "guidance_scale": guidance,
             "num_inference_steps": ctx.num_inference_steps}
 key = (ctx.bundle_path, subject, image_id, ctx.seed, tuple(sorted(settings.items())))
-store: dict = st.session_state.setdefault("walk_results", {})
+store = _state.session_cache("walk_results")  # bounded in bytes, this session's and the server's
 if st.button("Run this trial", type="primary", key="walk_run"):
     status = st.status("Running the trial...", expanded=False)
     bar = st.progress(0.0, text="decoding features")
@@ -65,13 +70,18 @@ if st.button("Run this trial", type="primary", key="walk_run"):
         st.stop()
     bar.progress(1.0, text=f"done in {rec.timings['total']:.1f} s")
     status.update(label=f"Done in {rec.timings['total']:.1f} s", state="complete")
-    store.clear()
-    store[key] = (rec, previews)
+    store.store(key, (rec, previews))
+    _state.publish_result(SCENE, key, (rec, previews))
 
-if key not in store:
+shown = store.get(key)
+if shown is None:
+    shown = _state.shared_result(SCENE, key)  # the presenter ran this very trial and settings
+    if shown is not None:
+        st.caption("Shown from the presenter's run of this trial (same settings): nothing was run again.")
+if shown is None:
     st.info("Press 'Run this trial' to see each step.")
     st.stop()
-rec, previews = store[key]
+rec, previews = shown
 fmri = subj.test_fmri[idx]
 
 st.header("1. The fMRI pattern")

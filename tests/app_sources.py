@@ -50,6 +50,9 @@ def make_app_test(sources: tuple[str, str, str], monkeypatch):
 
     bundle, world, cache = sources
     monkeypatch.setenv("BRAIN_DIFFUSER_CACHE", str(Path(cache).parent / "bde-cache"))
+    # AppTest has no server.address (streamlit's default: every interface), so the allowed roots apply: the test
+    # session's temporary folder holds the sources and each test's tmp_path
+    monkeypatch.setenv("BRAIN_DIFFUSER_ROOTS", str(Path(bundle).resolve().parents[1]))
     at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=APP_TIMEOUT)
     at.session_state["bundle_source"] = "folder"
     at.session_state["bundle_folder"] = bundle

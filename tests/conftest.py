@@ -44,3 +44,16 @@ def batch_sources(sources, tmp_path_factory):
     from batch_sources import make_batch_sources
 
     return make_batch_sources(sources, tmp_path_factory.mktemp("batch"))
+
+
+@pytest.fixture
+def loopback():
+    """streamlit's server.address set to 127.0.0.1 for the test (as `make run` serves): any folder opens."""
+    from streamlit import config
+
+    before = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    try:
+        yield
+    finally:
+        config.set_option("server.address", before)

@@ -23,7 +23,7 @@ def _errors(at) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ frame
-def test_frame_rejects_bad_bundle_folders(app, tmp_path):
+def test_frame_rejects_bad_bundle_folders(app, tmp_path, loopback):
     app.session_state["bundle_folder"] = str(tmp_path / "nope")
     app.run()
     assert not app.exception
@@ -511,3 +511,139 @@ def test_default_cpu_threads_env_and_half_the_cores(monkeypatch):
         monkeypatch.setenv(_state.THREADS_ENV, bad)
         with pytest.raises(ValueError, match="BRAIN_DIFFUSER_THREADS"):
             _state.default_cpu_threads()
+
+
+# ------------------------------------------------------------------------------------------------ shared server
+def test_frame_shared_server_refuses_folders_outside_the_roots(app, sources, tmp_path, monkeypatch):
+    """Served beyond loopback (AppTest has no server.address), a folder outside $BRAIN_DIFFUSER_ROOTS is refused
+    with one message whether it exists or not; the same user then opens an allowed bundle and the app works."""
+    import os
+    import shutil
+
+    bundle, world, _ = sources
+    monkeypatch.setenv("BRAIN_DIFFUSER_ROOTS", str(Path(bundle).resolve().parent))  # the sources only
+    secret = tmp_path / "secret"
+    shutil.copytree(bundle, secret)  # a real bundle, outside the roots
+    link = Path(bundle).resolve().parent / f"link-{tmp_path.name}"
+    os.symlink(secret, link)
+    try:
+        seen = {}
+        for name, text in (("existing", str(secret)), ("missing", str(tmp_path / "nope")), ("symlink", str(link))):
+            app.session_state["bundle_folder"] = text
+            app.run()
+            assert not app.exception
+            errors = [e.value for e in app.sidebar.error]
+            assert len(errors) == 1 and "presenter allowed" in errors[0], errors
+            seen[name] = errors[0].replace(repr(text), "<entered>")
+        assert len(set(seen.values())) == 1, seen  # missing and forbidden look the same
+        assert "does not exist" not in seen["missing"]
+        print("refused:", seen["existing"])
+        app.session_state["bundle_folder"] = str(Path(bundle).parent / "x" / ".." / Path(bundle).name)
+        app.run()
+        assert any("must not contain '..'" in e.value for e in app.sidebar.error)
+        app.session_state["bundle_folder"] = bundle
+        app.run()
+        assert not _errors(app), _errors(app)
+        assert app.title[0].value == "ROI designer"
+        assert any("only folders the presenter allowed" in c.value for c in app.sidebar.caption)
+    finally:
+        link.unlink()
+
+
+def test_uploads_over_the_limit_or_too_many_are_refused_other_sessions_unaffected(app, sources, monkeypatch):
+    from app_sources import make_app_test
+    from brain_diffuser_core.nsd import load_subject
+
+    monkeypatch.setenv("BRAIN_DIFFUSER_UPLOAD_MB", "1")
+    monkeypatch.setenv("BRAIN_DIFFUSER_UPLOADS_PER_MINUTE", "3")
+    n_vox = load_subject(sources[1], 1, cache_dir=sources[2], progress=False).n_voxels
+    good = np.zeros(n_vox, np.float32)
+    good[:50] = 1.0
+    app.run()
+    upload = app.file_uploader(key="roi_upload_npy")
+    big = _npy(np.zeros(300_000, np.float32))  # 1.1 MiB
+    upload.set_value(("big.npy", big, "application/octet-stream")).run()
+    assert any("big.npy: uploads on this server must be at most 1.0 MiB; this file is 1.1 MiB" in e.value
+               for e in app.error), _errors(app)
+    for name in ("a.npy", "b.npy"):
+        app.file_uploader(key="roi_upload_npy").set_value((name, _npy(good), "application/octet-stream")).run()
+        assert not _errors(app), _errors(app)
+    app.file_uploader(key="roi_upload_npy").set_value(("c.npy", _npy(good), "application/octet-stream")).run()
+    flood = [e.value for e in app.error]
+    assert any("c.npy: too many uploads from this browser" in e and "at most 3 per 60 s" in e for e in flood), flood
+    assert not any("`c`" in m.value for m in app.markdown)  # the refused upload is not used
+    other = make_app_test(sources, monkeypatch)  # another student's session: its own allowance
+    other.run()
+    other.file_uploader(key="roi_upload_npy").set_value(("mine.npy", _npy(good), "application/octet-stream")).run()
+    assert not _errors(other), _errors(other)
+    assert any("50 of" in m.value and "`mine`" in m.value for m in other.markdown)
+
+
+def test_session_result_caches_are_bounded_in_bytes(app, monkeypatch):
+    """A session's reconstructions stay within $BRAIN_DIFFUSER_SESSION_CACHE_MB; the oldest are evicted."""
+    from brain_diffuser_core.limits import ByteLRU, nbytes_of
+
+    monkeypatch.setenv("BRAIN_DIFFUSER_SESSION_CACHE_MB", "0.03")  # 31 KB: the tiny models' results are 11 KB
+    app.run()
+    app.switch_page("pages/browse.py").run()
+    app.button(key="browse_gallery_run").click().run()
+    assert not _errors(app), _errors(app)
+    results = app.session_state["browse_results"]
+    assert isinstance(results, ByteLRU) and results.max_bytes == int(0.03 * 2**20)
+    sizes = [nbytes_of(r) for r in results.values()]
+    assert results.nbytes == sum(sizes) <= results.max_bytes
+    assert len(results) == results.max_bytes // max(sizes) < 6 and results.evictions == 6 - len(results)
+    kept = [k[2] for k in results.keys()]
+    shown = [int(c.split(":")[0]) for img in app.get("image") for c in img.captions if "final" in c]
+    gallery = [int(i) for i in app.multiselect(key="browse_gallery_ids").value]
+    assert kept == shown == gallery[-len(kept):], (kept, shown, gallery)  # the newest kept, and shown
+
+
+# ------------------------------------------------------------------------------------------------ presenter
+def test_students_follow_the_presenter_and_reuse_its_results(sources, monkeypatch):
+    """The presenter (token in the sidebar) runs a walkthrough trial; a student who follows lands on the same
+    page, trial and sliders and sees the presenter's result without running a generation; a student with a wrong
+    token presents nothing."""
+    from app_sources import make_app_test
+    from pages import _state
+
+    monkeypatch.setenv("BRAIN_DIFFUSER_PRESENTER_TOKEN", "tok-123456")
+    _state.presenter_stage.clear()
+    try:
+        teacher = make_app_test(sources, monkeypatch)
+        teacher.session_state["presenter_token"] = "tok-123456"
+        teacher.run()
+        assert teacher.session_state["app_context"].presenter
+        teacher.switch_page("pages/walkthrough.py").run()
+        teacher.number_input(key="walk_index").set_value(3).run()
+        teacher.slider(key="walk_strength").set_value(0.5).run()
+        teacher.button(key="walk_run").click().run()
+        assert not _errors(teacher), _errors(teacher)
+        (rec, _), = teacher.session_state["walk_results"].values()
+
+        student = make_app_test(sources, monkeypatch)
+        student.run()  # starts on the ROI designer, on its own
+        assert not student.session_state["app_context"].presenter
+        student.toggle(key="follow_presenter").set_value(True).run()  # the sidebar's "Lab meeting" toggle
+        assert not _errors(student), _errors(student)
+        assert student.title[0].value == "Walkthrough"  # the presenter's page
+        assert student.number_input(key="walk_index").value == 3 and student.slider(key="walk_strength").value == 0.5
+        assert any("Shown from the presenter's run" in c.value for c in student.caption)
+        assert len(student.session_state["walk_results"]) == 0  # nothing ran for the student
+        captions = [c for img in student.get("image") for c in img.captions]
+        assert f"final (seed {rec.seed})" in captions
+        # the presenter moves on: the follower's next run takes the new trial (the page polls for it)
+        teacher.number_input(key="walk_index").set_value(1).run()
+        student.run()
+        assert student.number_input(key="walk_index").value == 1
+        assert not any("Shown from the presenter's run" in c.value for c in student.caption)
+
+        intruder = make_app_test(sources, monkeypatch)
+        intruder.session_state["presenter_token"] = "guess"
+        intruder.run()
+        intruder.switch_page("pages/walkthrough.py").run()
+        intruder.number_input(key="walk_index").set_value(5).run()
+        assert not intruder.session_state["app_context"].presenter
+        assert _state.presenter_stage().scene("Walkthrough").values["walk_index"] == 1  # unchanged
+    finally:
+        _state.presenter_stage.clear()

@@ -62,9 +62,15 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(browser, sources, tmp_path_factory):
+def server_dir(tmp_path_factory) -> Path:
+    """The server's work folder: its cache and ``server.log`` (stdout and stderr)."""
+    return tmp_path_factory.mktemp("browser")
+
+
+@pytest.fixture(scope="module")
+def server(browser, sources, server_dir):
     """Base URL of `streamlit run app.py` (as `make run` starts it) on the tiny world and bundle."""
-    with app_server(sources, tmp_path_factory.mktemp("browser")) as url:
+    with app_server(sources, server_dir) as url:
         yield url
 
 
@@ -245,3 +251,70 @@ def test_every_page_in_the_navigation_renders(page, server):
         page.screenshot(path=str(screenshot_dir() / f"nav_{re.sub(r'[^a-z0-9]+', '_', title.lower())}.png"))
     assert len(set(seen)) == len(titles), seen  # every link showed its own page
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1  # no full reload
+
+
+# ------------------------------------------------------------------------------------------------ queue
+def _log_lines(path: Path, start: int) -> list[str]:
+    return [ln.split("generation queue: ", 1)[1] for ln in path.read_text(errors="replace")[start:].splitlines()
+            if "generation queue: " in ln]
+
+
+def test_a_tab_closed_while_queued_drops_its_ticket(browser, server, server_dir):
+    """Tab A generates 8 ROI scenes with the longest schedule; tab B presses Reconstruct and waits behind it;
+    B's tab is closed while it waits. The server log then shows B's ticket withdrawn (queue length back to A's
+    one generation), A's generation done, and no generation run for B."""
+    import time
+
+    from playwright.sync_api import expect
+
+    log = server_dir / "server.log"
+    start = len(log.read_text(errors="replace"))
+    ctx_a = browser.new_context(viewport={"width": 1400, "height": 1000})
+    ctx_b = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        a, b = ctx_a.new_page(), ctx_b.new_page()
+        for pg in (a, b):
+            pg.set_default_timeout(3 * TIMEOUT_MS)  # tab A's 8 scenes of 150 steps take a while on a loaded core
+        open_app(a, server)  # the root first: a process's first run of a page url shows "Page not found"
+        open_app(b, server, "trials")
+        steps = a.get_by_role("spinbutton", name=STEPS_LABEL, exact=True)
+        steps.fill("200")
+        steps.press("Enter")
+        wait_idle(a)
+        seeds = a.get_by_role("slider", name="Scenes (seeds)")
+        seeds.focus()
+        for _ in range(4):
+            seeds.press("ArrowRight")  # 4 -> 8 scenes
+        expect(seeds).to_have_value("8")
+        wait_idle(a)
+        a.get_by_role("button", name="Generate").click()
+        a.wait_for_selector("text=/stage2: step/")  # A holds the models
+        b.get_by_role("button", name="Reconstruct", exact=True).click()
+        b.wait_for_selector("text=/Waiting: 1 generation ahead of you/")
+        drawn = [ln for ln in _log_lines(log, start) if ln.endswith("drawn, queue length 2")]
+        assert len(drawn) == 1, _log_lines(log, start)
+        b_ticket = drawn[0].split()[1]
+        ctx_b.close()  # the student closes the tab while queued
+        deadline = time.time() + 60
+        while not any(ln.startswith(f"ticket {b_ticket} withdrawn") for ln in _log_lines(log, start)):
+            assert time.time() < deadline, _log_lines(log, start)
+            time.sleep(0.2)
+        a.wait_for_selector("text=/8 scene\\(s\\) for/", timeout=600_000)
+        time.sleep(2 * 1.0 + 1)  # two heartbeats more: nothing may start for B afterwards
+        lines = _log_lines(log, start)
+        print("\n".join(lines))
+        withdrawn = [ln for ln in lines if ln.startswith(f"ticket {b_ticket} withdrawn")]
+        assert len(withdrawn) == 1 and withdrawn[0].endswith("queue length 1"), lines  # only A's generation left
+        assert f"ticket {b_ticket} runs" not in lines and not any(ln.startswith(f"ticket {b_ticket} done") for ln in lines)
+        a_ticket = str(int(b_ticket) - 1)
+        assert f"ticket {a_ticket} runs" in lines and lines[-1] == f"ticket {a_ticket} done, queue length 0", lines
+        wait_idle(a)
+        a.screenshot(path=str(screenshot_dir() / "queue_tab_a_after_b_left.png"))
+    finally:
+        with contextlib.suppress(Exception):
+            a.screenshot(path=str(screenshot_dir() / "queue_tab_a.png"), full_page=True)
+        ctx_a.close()
+        with contextlib.suppress(Exception):
+            b.screenshot(path=str(screenshot_dir() / "queue_tab_b.png"), full_page=True)
+        with contextlib.suppress(Exception):
+            ctx_b.close()

@@ -377,3 +377,24 @@ def test_a_unet_without_sample_size_gives_the_papers_512(tiny):
     assert GenerativeModels(tiny.models.vdvae, img2img, tiny.models.uncond_text, {128: None}).image_size == 512
     unet.config.sample_size = 32
     assert GenerativeModels(tiny.models.vdvae, img2img, tiny.models.uncond_text, {128: None}).image_size == 256
+
+
+def test_the_queue_logs_tickets_withdrawals_and_the_queue_length(caplog):
+    """The server log tells what happened to a user who left while queued (tests/test_browser.py reads it)."""
+    import logging
+
+    from brain_diffuser_core.pipeline import GenerationQueue
+
+    caplog.set_level(logging.INFO, logger="brain_diffuser_core.pipeline")
+    q = GenerationQueue()
+    q.acquire()
+
+    def leave(position):
+        raise KeyboardInterrupt(f"left at place {position}")
+
+    with pytest.raises(KeyboardInterrupt):
+        q.acquire(leave)
+    q.release()
+    assert [r.getMessage().removeprefix("generation queue: ") for r in caplog.records] == [
+        "ticket 0 drawn, queue length 1", "ticket 0 runs", "ticket 1 drawn, queue length 2",
+        "ticket 1 withdrawn while waiting (KeyboardInterrupt), queue length 1", "ticket 0 done, queue length 0"]
