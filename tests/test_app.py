@@ -372,6 +372,7 @@ def test_evaluation_page_computes_once_then_reloads(app, sources, monkeypatch):
     assert captions == [f"{res.image_ids[i]}: SSIM = {values[i]:.3f}" for i in best + worst]
     assert folders[0] == evaluation_folder(cache_root(), ctx.bundle_path, 1, _eval_settings(app, 4))
     # a second visit (a new session) reloads the folder: nothing is recomputed
+    real_evaluate = evaluation.evaluate_bundle
     monkeypatch.setattr(evaluation, "evaluate_bundle", lambda *a, **k: pytest.fail("recomputed"))
     again = AppTest.from_file(APP, default_timeout=TIMEOUT)
     for key in ("bundle_source", "bundle_folder", "nsd_root_folder", "num_inference_steps"):
@@ -384,7 +385,7 @@ def test_evaluation_page_computes_once_then_reloads(app, sources, monkeypatch):
     assert any("Loaded from the cache" in c.value for c in again.caption)
     assert len(again.get("plotly_chart")) == 6
     # paper mode is its own evaluation: a new folder, the published SSIM as "SSIM", true 2-D SSIM beside it
-    monkeypatch.undo()
+    monkeypatch.setattr(evaluation, "evaluate_bundle", real_evaluate)  # (undo() would drop the allowed roots too)
     app.toggle(key="eval_paper").set_value(True).run()
     assert app.selectbox(key="eval_rescale").disabled
     app.button(key="eval_run").click().run()

@@ -104,11 +104,16 @@ def parse_subjects(text: str, available: Sequence[int]) -> list[str]:
 
 
 def _voxel_hemispheres(nsd_root, subject: int, subj) -> np.ndarray:
-    """str (n_voxels,) "left"/"right": the world's vertex map when present, else the sign of x (RAS mm)."""
-    from .. import surface
+    """str (n_voxels,) "left"/"right": from ``roi/{lh,rh}.nsdgeneral.nii.gz`` (real NSD and the MiniNSD world
+    alike), else the sign of x in the nominal affine (approximate on real NSD data)."""
+    from .. import nsd_surface, surface
+    from ..nsd import NSDFormatError
+    from ..nsd_format import NSDPaths
 
-    vm = surface.load_vertex_map(surface.vertex_map_path(nsd_root, subject), subj.voxel_ijk)
-    return vm["hemisphere"] if vm is not None else surface.hemispheres_from_affine(subj.voxel_ijk, subj.affine)
+    try:
+        return nsd_surface.hemispheres_from_nsdgeneral(NSDPaths(nsd_root, subject), subj.voxel_ijk)
+    except (FileNotFoundError, NSDFormatError):
+        return surface.hemispheres_from_affine(subj.voxel_ijk, subj.affine)
 
 
 @dataclass
