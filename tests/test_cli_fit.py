@@ -7,7 +7,7 @@ from brain_diffuser_core.__main__ import main
 from brain_diffuser_core.bundle import load_bundle
 from brain_diffuser_core.cli.fit import fit_decoders, fit_subject_bundle, parse_feature_list
 from brain_diffuser_core.features.store import FeatureStore, FeatureWriter, write_features
-from brain_diffuser_core.ridge import fit_ridge
+from brain_diffuser_core.ridge import factorise, fit_ridge
 
 SHAPES = {"vdvae": (10,), "clip_text": (3, 4), "clip_vision": (5, 4)}
 
@@ -98,7 +98,7 @@ def test_fit_decoders_with_arrays_matches_fit_ridge(rng):
     decs, norms, shapes = fit_decoders(X, feats, alphas={"vdvae": 2.0}, backend="torch", n_targets_batch=4)
     assert shapes == {"vdvae": (6,), "clip_text": (2, 3)}
     assert decs["clip_text"].alpha == 100_000.0  # the paper's default
-    ref = fit_ridge(X, feats["vdvae"], 2.0, backend="torch")
+    ref = fit_ridge(factorise(X, backend="torch"), feats["vdvae"], 2.0, backend="torch")  # the same factorisation
     np.testing.assert_allclose(decs["vdvae"].predict(X[:5]), ref.predict(X[:5]), rtol=1e-5, atol=1e-5)
     assert norms["clip_text"] == pytest.approx(np.linalg.norm(feats["clip_text"].reshape(30, -1), axis=1).mean(), rel=1e-5)
 
