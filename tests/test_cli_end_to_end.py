@@ -93,7 +93,7 @@ def test_paper_flag_reaches_reconstruct_and_evaluate(flow, capsys):
     ev = flow["tmp"] / "eval_paper"
     assert main(["evaluate", "--bundle", str(flow["bundle"]), "--nsd-root", str(flow["world"]), "--subject", "1",
                  "--out", str(ev), "--steps", "4", "--networks", "", "--variants", "stage1", "--device", "cpu",
-                 "--paper", "--cache-dir", str(flow["cache"])]) == 0
+                 "--paper", "--cache-dir", str(flow["cache"]), "--judge-scenes", "2"]) == 0
     info = json.loads((ev / "metrics.json").read_text())
     assert info["mode"] == "paper" and info["rescale"] == "paper"
     assert {"PixCorr", "SSIM", "SSIM (2-D)"} <= set(info["summary"]["stage1"])  # (+ "Category" on a world)
