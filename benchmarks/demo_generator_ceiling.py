@@ -9,6 +9,11 @@ of the same images, scored in one run by:
   printed for the originals too (stage 1 should stay within 1.5x of theirs).
 
     python benchmarks/demo_generator_ceiling.py [--subjects 1,2,5,7] [--n 120] [--threads 1] [--cache-dir DIR]
+        [--sheet trials.png]
+
+It also prints the Category score per original category (which categories the generator cannot draw), and
+``--sheet`` writes a contact sheet of the first 16 test trials of the first subject: original | stage 1 | final
+(decoded), with the TRUE-feature final beside them.
 
 Uses the cached demo (``ensure_demo_bundle``: the MiniNSD world, the demo models, their extracted features).
 The TRUE-feature rows do not depend on the subject (the same images, features and seeds); the decoded rows are
@@ -41,6 +46,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=120, help="test images (default: all 120 of the default world)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--sheet", default=None, metavar="PNG",
+                    help="write 16 test trials of the first subject: original | stage 1 | final | TRUE-feature final")
     args = ap.parse_args()
 
     import torch
@@ -73,28 +80,39 @@ def main() -> None:
     kwargs = {"clip": {"path": diffuser.bundle.clip_location(), "device": "cpu"}}
     seeds = [seed_for("trial", i) for i in ids]
     judge = world_category_score(world, cache)
+    labels = np.load(Path(world) / "world" / "image_labels.npy", allow_pickle=False)[np.asarray(ids)]
+    from brain_diffuser_core.world.scenes import CATEGORIES
     print(f"independent judge: {judge.describe()}", flush=True)
 
-    def score(images):
+    per_category: dict[str, dict[str, float]] = {}
+
+    def score(images, label=None):
         summary, _ = evaluate_images(images, truths, ["clip"], network_kwargs=kwargs, size=truths.shape[1])
+        right = judge(images, ids)
+        if label is not None:
+            per_category[label] = {c: float(right[labels == k].mean()) for k, c in enumerate(CATEGORIES)
+                                   if (labels == k).any()}
         return {"PixCorr": summary["PixCorr"], "SSIM": summary["SSIM"], "CLIP": summary["CLIP"],
-                "Category": float(judge(images, ids).mean()),
-                "HF": float(np.mean(hf_energy_fraction(images)))}
+                "Category": float(right.mean()), "HF": float(np.mean(hf_energy_fraction(images)))}
 
     rows = {"originals": {"Category": float(judge(truths, ids).mean()),
                           "HF": float(np.mean(hf_energy_fraction(truths)))}}
     t0 = time.perf_counter()
     true_feats = {f: store.get(f, ids).reshape((n,) + diffuser.bundle.feature_shape(f)) for f in FEATURE_NAMES}
-    for variant, images in _generate(diffuser, true_feats, ids, seeds).items():
-        rows[f"TRUE features (ceiling), {variant}"] = score(images)
+    true_images = _generate(diffuser, true_feats, ids, seeds)
+    for variant, images in true_images.items():
+        rows[f"TRUE features (ceiling), {variant}"] = score(images, f"TRUE, {variant}")
     print(f"TRUE features: {n} images in {time.perf_counter() - t0:.1f} s", flush=True)
     decoded_rows = {}
     for s in subjects:
         subject = first if s == subjects[0] else load_subject(world, s, cache_dir=f"{cache}/nsd", progress=False)
         t0 = time.perf_counter()
         decoded = diffuser.predict_features(subject.test_fmri[:n], s)
-        for variant, images in _generate(diffuser, decoded, ids, seeds).items():
-            decoded_rows[(s, variant)] = rows[f"decoded, subj {s}, {variant}"] = score(images)
+        decoded_images = _generate(diffuser, decoded, ids, seeds)
+        for variant, images in decoded_images.items():
+            decoded_rows[(s, variant)] = rows[f"decoded, subj {s}, {variant}"] = score(images, f"subj {s}, {variant}")
+        if args.sheet and s == subjects[0]:
+            _write_sheet(args.sheet, truths, decoded_images, true_images["full"], s)
         print(f"decoded subj {s}: {n} images in {time.perf_counter() - t0:.1f} s", flush=True)
     if len(subjects) > 1:
         for variant in ("full", "stage1"):
@@ -109,11 +127,36 @@ def main() -> None:
                  f"{100 * r['CLIP']:7.1f}%" if "CLIP" in r else f"{'-':>8s}",
                  f"{100 * r['Category']:8.1f}%", f"{r['HF']:7.3f}"]
         print(f"{label:45s} " + " ".join(cells))
+    print(f"\nCategory per original category ({', '.join(f'{c}: {int((labels == k).sum())}' for k, c in enumerate(CATEGORIES))} images)")
+    print(f"{'features, variant':20s} " + " ".join(f"{c:>8s}" for c in CATEGORIES))
+    for label, cats in per_category.items():
+        print(f"{label:20s} " + " ".join(f"{100 * cats[c]:7.0f}%" if c in cats else f"{'-':>8s}" for c in CATEGORIES))
     base = rows[f"decoded, subj {subjects[0]}, full"]["Category"]
     ceil = rows["TRUE features (ceiling), full"]["Category"]
     print(f"full pipeline Category: decoded (subj {subjects[0]}) {100 * base:.1f}% / ceiling {100 * ceil:.1f}%; "
           f"stage-1 HF / originals' HF = {rows['TRUE features (ceiling), stage1']['HF'] / rows['originals']['HF']:.2f} "
           f"(TRUE) and {rows[f'decoded, subj {subjects[0]}, stage1']['HF'] / rows['originals']['HF']:.2f} (decoded)")
+
+
+def _write_sheet(path, truths, decoded, true_full, subject, n=16, per_row=4):
+    """PNG of ``n`` trials, ``per_row`` to a row, each as original | stage 1 | final | TRUE-feature final."""
+    from PIL import Image, ImageDraw
+
+    size, gap = truths.shape[1], 4
+    n = min(n, len(truths))
+    rows = -(-n // per_row)
+    cell_w = 4 * size + gap
+    sheet = Image.new("RGB", (per_row * cell_w + gap, 14 + rows * (size + gap) + gap), "white")
+    ImageDraw.Draw(sheet).text((gap, 1), f"subj {subject}: original | stage 1 | final | from TRUE features",
+                               fill="black")
+    for i in range(n):
+        x, y = gap + (i % per_row) * cell_w, 14 + gap + (i // per_row) * (size + gap)
+        tiles = [truths[i], decoded["stage1"][i], decoded["full"][i], true_full[i]]
+        for j, tile in enumerate(tiles):
+            sheet.paste(Image.fromarray(np.asarray(tile, np.uint8)).resize((size, size)), (x + j * size, y))
+    sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST)
+    sheet.save(path)
+    print(f"contact sheet written to {path}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from brain_diffuser_core.tiny_models import DEMO_IMAGE_SIZE
 from brain_diffuser_core.world.build import build_world
@@ -397,9 +398,25 @@ def test_train_demo_models_writes_loadable_models(world, tmp_path):
     np.testing.assert_array_equal(same.vision_embeddings(grey), clip.vision_embeddings(grey))
     a, b = load_vdvae(again / "vdvae.safetensors").state_dict(), vdvae.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --warm-start vae,unet: those stages start from --reuse-from's weights (0 further steps: exactly them)
+    args = parser.parse_args(["train", "--out", str(tmp_path / "warm"), "--world-root", str(world), "--work",
+                              str(tmp_path / "work3"), "--steps", "vae=0,unet=0", "--threads", "1", "--no-progress",
+                              "--generator-scenes", "0", "--reuse", "clip,vdvae", "--warm-start", "vae,unet",
+                              "--reuse-from", str(again)])
+    assert args.func(args) == 0
+    rec3 = json.loads((tmp_path / "warm" / "training.json").read_text())
+    assert rec3["stages"]["unet"]["prior_steps"] == 1 == rec3["stages"]["vae"]["prior_steps"]
+    for sub in ("vae", "image_unet", "text_unet"):
+        new = load_file(tmp_path / "warm" / "versatile-diffusion" / sub / "diffusion_pytorch_model.safetensors")
+        old = load_file(again / "versatile-diffusion" / sub / "diffusion_pytorch_model.safetensors")
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new), sub
     with pytest.raises(FileNotFoundError, match="--reuse-from"):
         args = parser.parse_args(["train", "--out", str(tmp_path / "x"), "--world-root", str(world), "--reuse",
                                   "vdvae", "--reuse-from", str(tmp_path / "nowhere")])
+        args.func(args)
+    with pytest.raises(FileNotFoundError, match="--reuse-from"):
+        args = parser.parse_args(["train", "--out", str(tmp_path / "x"), "--world-root", str(world),
+                                  "--warm-start", "unet", "--reuse-from", str(tmp_path / "nowhere")])
         args.func(args)
     with pytest.raises(ValueError, match="'reuse' must name stages among"):
         args = parser.parse_args(["train", "--out", str(tmp_path / "x"), "--world-root", str(world), "--reuse",

@@ -59,7 +59,10 @@ def add_train_action(actions) -> argparse.ArgumentParser:
                    help="fresh scenes for the VAE and UNet besides the world's train images (default: 6000)")
     p.add_argument("--reuse", default="", metavar="LIST",
                    help="stages (clip, vdvae) whose weights are kept from --reuse-from instead of trained")
-    p.add_argument("--reuse-from", default=None, metavar="DIR", help="models folder for --reuse (default: --out)")
+    p.add_argument("--reuse-from", default=None, metavar="DIR",
+                   help="models folder for --reuse and --warm-start (default: --out)")
+    p.add_argument("--warm-start", default="", metavar="LIST",
+                   help="stages (vae, unet) that start from --reuse-from's weights and train --steps more steps")
     p.add_argument("--manifest-only", action="store_true",
                    help="only (re)write <out>/MANIFEST.json for the model files already there (no training)")
     p.set_defaults(func=run_train)
@@ -90,7 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = train_demo_models(args.out, world_root=args.world_root, cache_dir=args.cache_dir, work=args.work,
                             steps=parse_steps(args.steps), minutes=args.minutes, seed=args.seed,
                             threads=args.threads, device=args.device, progress=not args.no_progress,
-                            generator_scenes=scenes, reuse=reuse, reuse_from=args.reuse_from)
+                            generator_scenes=scenes, reuse=reuse, reuse_from=args.reuse_from,
+                            warm_start=[s.strip() for s in args.warm_start.split(",") if s.strip()])
     record = json.loads((out / "training.json").read_text())
     for stage, info in sorted(record["stages"].items(), key=lambda kv: STAGES.index(kv[0])):
         if "reused_from" in info:

@@ -79,6 +79,8 @@ _GRAD_CLIP = 1.0
 EMA_DECAY = 0.999
 #: stages whose weights ``reuse`` may take from an existing models folder
 REUSABLE: tuple[str, ...] = ("clip", "vdvae")
+#: stages that ``warm_start`` may initialise from an existing models folder's weights (then train further)
+WARM_STARTABLE: tuple[str, ...] = ("vae", "unet")
 #: side of the random windows the demo VAE trains on (it is fully convolutional; see :func:`train_vae`)
 VAE_CROP = 32
 #: freshly drawn scenes the generator (VAE, UNet) learns from besides the world's train images
@@ -480,6 +482,7 @@ def train_demo_models(
     generator_scenes: int = GENERATOR_SCENES,
     reuse: Sequence[str] = (),
     reuse_from: str | Path | None = None,
+    warm_start: Sequence[str] = (),
 ) -> Path:
     """Train the four stages on the world's train images and write the demo models to ``out``.
 
@@ -498,6 +501,10 @@ def train_demo_models(
         never the world's test images (other seeds).
     reuse : stages among ``("clip", "vdvae")`` whose trained weights are taken from ``reuse_from`` (default
         ``out``: the models already there) instead of being trained again; the others are trained.
+    warm_start : stages among ``("vae", "unet")`` that start from ``reuse_from``'s weights (instead of random
+        ones) and then train ``steps[stage]`` further steps with a fresh optimiser; ``training.json`` records
+        the steps the starting weights already had (``prior_steps``). A checkpoint under ``work`` still wins,
+        so an interrupted warm-started run resumes where it stopped.
     Returns ``out``.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -525,6 +532,19 @@ def train_demo_models(
         if not need.exists():
             raise FileNotFoundError(f"'reuse' names {stage!r} but {need} does not exist; train it (leave it out "
                                     "of --reuse) or point --reuse-from at a models folder that has it")
+    warm_start = tuple(warm_start)
+    if not set(warm_start) <= set(WARM_STARTABLE):
+        raise ValueError(f"'warm_start' must name stages among {list(WARM_STARTABLE)}; {list(warm_start)!r} "
+                         "was provided")
+    for stage in warm_start:
+        for sub in (("vae",) if stage == "vae" else ("image_unet", "text_unet")):
+            need = reuse_from / "versatile-diffusion" / sub
+            if not need.is_dir():
+                raise FileNotFoundError(f"'warm_start' names {stage!r} but {need} does not exist; point "
+                                        "--reuse-from at a models folder that has it")
+    prior = _prior_steps(reuse_from)
+    start_vd = {stage: (reuse_from / "versatile-diffusion" if stage in warm_start else None)
+                for stage in WARM_STARTABLE}
     cache = Path(cache_dir) if cache_dir is not None else cache_root()
     world_root = Path(world_root) if world_root is not None else ensure_world(cache)
     work = Path(work) if work is not None else cache / "demo-training"
@@ -584,11 +604,13 @@ def train_demo_models(
     gen_captions = list(captions) + extra_captions
     record["generator_images"] = {"world_train": len(images), "generator_scenes": len(extra_images)}
     t0 = time.perf_counter()
-    vae = AutoencoderKL.from_pretrained(stage_vd, subfolder="vae", low_cpu_mem_usage=False)
+    vae = AutoencoderKL.from_pretrained(start_vd["vae"] or stage_vd, subfolder="vae", low_cpu_mem_usage=False)
     vae, losses = train_vae(gen_images, vae, work, steps=steps["vae"], minutes=_stage_minutes(minutes, "vae"),
                             seed=seed, progress=progress, device=device, crop=VAE_CROP)
     vae.save_pretrained(stage_vd / "vae", safe_serialization=True)
     done("vae", t0, losses, _ckpt_losses(work, "vae"))
+    if "vae" in warm_start:
+        record["stages"]["vae"].update(warm_started_from=str(reuse_from), prior_steps=prior.get("vae", 0))
 
     # 5. UNet on the trained CLIP's conditions and the trained VAE's latents
     t0 = time.perf_counter()
@@ -603,8 +625,9 @@ def train_demo_models(
         mean = torch.cat([d.mean.cpu() for d in dists]) * sf
         std = torch.cat([d.std.cpu() for d in dists]) * sf
         vae.cpu()
-    image_unet = UNet2DConditionModel.from_pretrained(stage_vd, subfolder="image_unet", low_cpu_mem_usage=False)
-    text_unet = UNetFlatConditionModel.from_pretrained(stage_vd, subfolder="text_unet", low_cpu_mem_usage=False)
+    unet_src = start_vd["unet"] or stage_vd
+    image_unet = UNet2DConditionModel.from_pretrained(unet_src, subfolder="image_unet", low_cpu_mem_usage=False)
+    text_unet = UNetFlatConditionModel.from_pretrained(unet_src, subfolder="text_unet", low_cpu_mem_usage=False)
     scheduler = DDIMScheduler.from_pretrained(stage_vd, subfolder="scheduler")
     image_unet, text_unet, losses = train_unet(
         mean, std, text, vision, clip.unconditional_text(), clip.unconditional_vision(), image_unet, text_unet,
@@ -613,6 +636,8 @@ def train_demo_models(
     image_unet.save_pretrained(stage_vd / "image_unet", safe_serialization=True)
     text_unet.save_pretrained(stage_vd / "text_unet", safe_serialization=True)
     done("unet", t0, losses, _ckpt_losses(work, "unet"))
+    if "unet" in warm_start:
+        record["stages"]["unet"].update(warm_started_from=str(reuse_from), prior_steps=prior.get("unet", 0))
 
     # 6. Export in the real layouts
     out.mkdir(parents=True, exist_ok=True)
@@ -623,6 +648,17 @@ def train_demo_models(
     atomic_write_json(out / "training.json", record)
     write_models_manifest(out)  # sizes + sha256 of every model file: the demo verifies them before use
     return out
+
+
+def _prior_steps(models_dir: Path) -> dict[str, int]:
+    """Total steps each stage of ``models_dir`` had (its ``training.json``: own steps + their prior steps)."""
+    import json
+
+    try:
+        stages = json.loads((Path(models_dir) / "training.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {k: int(v.get("steps", 0)) + int(v.get("prior_steps", 0)) for k, v in stages.items() if "steps" in v}
 
 
 def _ckpt_losses(work: Path, stage: str) -> list[float]:
