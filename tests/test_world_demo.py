@@ -489,3 +489,38 @@ def test_demo_builds_are_serialised_by_a_lock(tmp_path):
         events.append("second in")
     t.join()
     assert events == ["first in", "first out", "second in"]
+
+
+def test_training_rate_falls_along_a_cosine_and_resumes_on_it(tmp_path):
+    from brain_diffuser_core.world.train import LR_FLOOR, _Loop
+
+    class Stop(Exception):
+        pass
+
+    def run(work, stop_at=None):
+        """10-step run of a toy loop; returns the learning rate each step ran with (raises Stop at stop_at)."""
+        torch.manual_seed(0)
+        module = torch.nn.Linear(3, 1)
+        loop = _Loop("toy", module, work, lr=0.01, checkpoint_every=0)
+        rates = []
+
+        def loss_fn(step):
+            if step == stop_at:
+                raise Stop
+            rates.append(loop.opt.param_groups[0]["lr"])
+            return module(torch.ones(2, 3)).pow(2).mean()
+
+        try:
+            loop.run(loss_fn, 10, None, progress=False)
+        except Stop:
+            pass
+        return rates
+
+    whole = run(tmp_path / "a")
+    expected = [0.01 * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + np.cos(np.pi * k / 10))) for k in range(10)]
+    np.testing.assert_allclose(whole, expected, rtol=1e-12)
+    assert all(a > b for a, b in zip(whole, whole[1:]))
+    # interrupted after 4 steps (the checkpoint holds an optimiser at a fallen rate), then resumed: the rates
+    # are the uninterrupted run's, not a cosine restarted from the fallen rate
+    assert run(tmp_path / "b", stop_at=4) == whole[:4]
+    np.testing.assert_allclose(run(tmp_path / "b"), expected[4:], rtol=1e-12)

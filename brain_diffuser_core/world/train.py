@@ -75,6 +75,9 @@ COND_DROP = 0.1
 _VAE_KL_WEIGHT = 1e-4
 _VDVAE_GRAD_CLIP = 200.0
 _GRAD_CLIP = 1.0
+#: the learning rate falls from its value to this fraction of it along a half cosine over a run's steps (a
+#: constant Adam rate leaves the weights jittering around the optimum: small models blur fine detail)
+LR_FLOOR = 0.1
 #: moving-average decay of the UNet weights that are exported (as the feasibility probe trained)
 EMA_DECAY = 0.999
 #: stages whose weights ``reuse`` may take from an existing models folder
@@ -149,7 +152,7 @@ class _Loop:
 
     def __init__(self, name: str, module: torch.nn.Module, work: Path, lr: float, checkpoint_every: int,
                  ema_decay: float | None = None):
-        self.name, self.module, self.work = name, module, Path(work)
+        self.name, self.module, self.work, self.base_lr = name, module, Path(work), float(lr)
         self.opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         self.step, self.losses = 0, []
         self.checkpoint_every = int(checkpoint_every)
@@ -199,6 +202,9 @@ class _Loop:
                    disable=not progress)
         try:
             while self.step < steps and (deadline is None or time.monotonic() < deadline):
+                fall = 0.5 * (1.0 + np.cos(np.pi * min(self.step, steps) / max(steps, 1)))
+                for group in self.opt.param_groups:  # from the base rate: a resumed optimiser holds the last one
+                    group["lr"] = float(self.base_lr * (LR_FLOOR + (1.0 - LR_FLOOR) * fall))  # not numpy: weights-only files
                 loss = loss_fn(self.step)
                 self.opt.zero_grad(set_to_none=True)
                 if not torch.isfinite(loss):  # skip a diverged batch, as the original VDVAE does
