@@ -12,8 +12,9 @@
     :class:`~brain_diffuser_core.features.vdvae.VDVAE` at ``VDVAEConfig.tiny(64)`` (the world's 64 px), the
     ELBO of its ``forward()`` (nats per sub-pixel), gradient clipping as the original.
 ``vae``
-    the tiny ``AutoencoderKL`` (32 px <-> 4 x 8 x 8) as a near-identity autoencoder: MSE + a small KL; its
-    ``scaling_factor`` is then set to 1 / std of the latents (the role 0.18215 plays for the real VAE).
+    the demo ``AutoencoderKL`` (64 px <-> 4 x 16 x 16, trained on 32 px windows) as a near-identity
+    autoencoder: MSE + L1 + a small KL; its ``scaling_factor`` is then set to 1 / std of the latents (the role
+    0.18215 plays for the real VAE).
 ``unet``
     the image ``UNet2DConditionModel`` paired with the text ``UNetFlatConditionModel``'s transformer blocks
     through the project's dual attention (:func:`~brain_diffuser_core.diffusion.convert_to_dual_attention`),
@@ -26,14 +27,16 @@ Outputs (the layouts the normal loaders read): ``<out>/vdvae.safetensors`` + ``v
 :func:`~brain_diffuser_core.diffusion.load_versatile_diffusion`, ``ClipFeatureExtractor.from_pretrained``) and
 ``<out>/training.json`` (steps, final losses, seconds per stage) and last ``<out>/MANIFEST.json`` (size and
 sha256 of every model file, :func:`~brain_diffuser_core.world.demo.write_models_manifest`; the demo bundle
-verifies the files against it). About 12 MB of weights in all.
+verifies the files against it). About 21 MB of weights in all.
 
 Expected time on 2 CPU cores, default steps (:data:`DEFAULT_STEPS`): measured here with one thread on a busy
 shared machine, a step took about 0.45 s (clip, batch 64), 0.85 s (vdvae, batch 16), 0.1 s (vae, batch 32) and
 0.5 s (unet, batch 32); with 2 free cores expect roughly 0.25 / 0.5 / 0.06 / 0.3 s, i.e. about 1.5 hours in
 all (MININSD-PROBE: 32 px models learn categories in 25-100 min). ``--minutes M`` caps the whole run (each stage
 gets the share :data:`TIME_SHARE`); a rerun resumes from the checkpoints (``--work``, default
-``<cache>/demo-training``, written every 200 steps and on Ctrl-C). A GPU (``device="cuda"``) does it in minutes.
+``<cache>/demo-training``, written every 200 steps and on Ctrl-C). Every run's learning rate falls along a half
+cosine to :data:`LR_FLOOR` of its value. ``--warm-start vae,unet`` continues those stages from an existing models
+folder's weights (``--reuse-from``) for ``--steps`` more steps. A GPU (``device="cuda"``) does it in minutes.
 """
 from __future__ import annotations
 
