@@ -1,8 +1,8 @@
 """The ``fit`` job: one subject's ridge decoders per item, on the batch layer; the bundle is assembled after.
 
 Items are subjects (one task each: one factorisation of the subject's fMRI kernel serves its decoders);
-an item writes each decoder as the safetensors file the bundle itself holds (``RidgeDecoder.state_dict()``,
-the same metadata) and its row carries the subject's manifest entry (voxels, mask, train norms, n_train).
+an item writes each decoder's ``RidgeDecoder.state_dict()`` as safetensors (as the bundle holds it, less the
+metadata, which safetensors writes in no fixed order) and its row carries the subject's manifest entry (voxels, mask, train norms, n_train).
 Fitting is deterministic, so a shard reruns to identical bytes. When every shard is done the driver
 writes (or updates) the bundle from them with :func:`~brain_diffuser_core.bundle.save_bundle`, exactly as
 :func:`~brain_diffuser_core.cli.fit.fit_subject_bundle` does. Work folder (``--work``)::
@@ -111,8 +111,8 @@ class _FitWorker:
                 sub.train_fmri, _store_sources(self.store, job.names, ids), alphas=job.alphas, rank=job.rank,
                 dtype=job.dtype, backend=job.backend, loo_stats=job.loo_stats, n_targets_batch=job.n_targets_batch,
                 progress=job.progress)
-            files = {decoder_relpath(s, f): save(dec.state_dict(), metadata={"subject": str(s), "feature": f})
-                     for f, dec in decoders.items()}
+            # no safetensors metadata here: it is a hash map, written in no fixed order (save_bundle adds it)
+            files = {decoder_relpath(s, f): save(dec.state_dict()) for f, dec in decoders.items()}
             out.append(ItemOutput(it.key, files, {
                 "n_voxels": int(sub.n_voxels), "mask_sha256": str(sub.mask_sha256), "n_train": int(len(ids)),
                 "train_feature_norm": {k: v for k, v in norms.items() if v is not None},
