@@ -192,7 +192,8 @@ def test_fit_resumes_by_subject_refuses_other_settings_and_recomputes_a_partial_
     assert not rows["complete"] and [r["subject"] for r in rows["rows"]] == [1]
     # other settings into the unfinished work folder: refused, nothing mixed in
     assert main([*args, "--alpha-vdvae", "5"]) == 2
-    assert "alphas" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "alphas" in err and "pass another --work folder" in err and not out.exists()
     # the full run computes only subject 2, then writes the bundle
     assert main([*args, "--keep-work"]) == 0
     assert _computed(capsys.readouterr().out) == (1, 1) and (out / "manifest.json").is_file()

@@ -201,6 +201,7 @@ def parse_subjects(text: str) -> list[int]:
 def _run(args: argparse.Namespace) -> int:
     import shutil
 
+    from ..batch import BatchSettingsError
     from ..batch.fit import FitJob, assemble_bundle, store_stamp
     from ..features.store import FeatureStore
     from ..nsd import load_subject
@@ -234,7 +235,11 @@ def _run(args: argparse.Namespace) -> int:
                       threads=worker_threads(args), progress=args.engine == "local" and not args.no_progress,
                       stamp=store_stamp(args.features, names))
 
-    _, summary = run_batch(make_job, args, out=work)
+    try:
+        _, summary = run_batch(make_job, args, out=work)
+    except BatchSettingsError as err:  # the store names --out; fit's batch folder is --work
+        raise BatchSettingsError(str(err).replace("or choose another --out folder",
+                                                  "or pass another --work folder (or remove this one)")) from None
     if len(summary.rows) < summary.n_items:  # --part: other parts still have subjects to fit
         print(f"{summary.n_items - len(summary.rows)} subject(s) still to fit (other --part ranges); the bundle "
               f"is written by the run that finds every shard done")
