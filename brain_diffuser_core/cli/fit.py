@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..config import FEATURE_NAMES, PAPER
-from ._engine import ENGINE_HELP
+from ._engine import ENGINE_HELP, add_engine_arguments
 
 __all__ = ["add_parser", "fit_decoders", "fit_subject_bundle", "parse_feature_list", "parse_subjects"]
 
@@ -279,8 +279,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="batch work folder: each subject's decoders as they finish (default: <out>.fit-work; "
                         "removed once the bundle is written, unless --keep-work or --part)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder after writing the bundle")
-    from ._engine import add_engine_arguments
-
     add_engine_arguments(p, shard_size=1)
     p.set_defaults(func=_run)
     return p
