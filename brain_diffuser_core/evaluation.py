@@ -28,7 +28,7 @@ from .config import mode
 from .io import atomic_path, atomic_write_json
 from .seeding import seed_for
 
-__all__ = ["VARIANTS", "reconstruct_variants", "evaluate_bundle", "mean_over_subjects", "write_subject_mean"]
+__all__ = ["VARIANTS", "reconstruct_variants", "evaluate_bundle", "score_variants", "variant_images", "mean_over_subjects", "write_subject_mean"]
 
 VARIANTS: tuple[str, ...] = ("full", "stage1", "stage2_only")
 
@@ -50,6 +50,49 @@ def _save_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
 
 
+def resolve_settings(paper: bool, rescale: str | None, overrides: Mapping) -> tuple[str, dict]:
+    """The rescaling and stage overrides a run uses: ``paper``'s defaults (explicit values win)."""
+    m = mode(paper)
+    return (m.rescale if rescale is None else rescale), {**(m.stage2_overrides() if paper else {}), **overrides}
+
+
+def check_variants(variants: Sequence[str]) -> list[str]:
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"'variants' must be a non-empty subset of {list(VARIANTS)}; {list(variants)} was provided")
+    return list(variants)
+
+
+def image_relpath(variant: str, image_id: int) -> str:
+    """Where a variant's reconstruction of 73k image ``image_id`` lives, relative to the evaluation folder."""
+    return f"images/{variant}/{int(image_id)}.png"
+
+
+def variant_images(diffuser, subject, variant: str, rows: Sequence[int], *, base_seed: int, rescale: str,
+                   overrides: Mapping, feats_all: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """uint8 (S, S, 3) images of ``variant`` for test ``rows`` of ``subject``, generated as one batch
+    (seeds per 73k id). ``feats_all``: the "paper"-rescaled predictions of the whole test set, when used."""
+    ids = [int(subject.test_image_ids[r]) for r in rows]
+    if feats_all is not None:
+        feats = {name: v[list(rows)] for name, v in feats_all.items()}
+    else:
+        feats = diffuser.predict_features(subject.test_fmri[list(rows)], subject.subject, rescale=rescale)
+    seeds = [seed_for("trial", i, base_seed=base_seed) for i in ids]
+    keys = [f"{variant}/{i}" for i in ids]
+    if variant == "stage1":
+        return [r.stage1_upscaled for r in diffuser.generate(feats, keys=keys, seeds=seeds, run_stage2=False,
+                                                             **overrides)]
+    if variant == "full":
+        return [r.final for r in diffuser.generate(feats, keys=keys, seeds=seeds, **overrides)]
+    return _stage2_only(diffuser, feats, seeds, overrides)
+
+
+def paper_features(diffuser, subject, rescale: str) -> dict[str, np.ndarray] | None:
+    """"paper" rescaling needs every test prediction at once (z-score across the set); else None."""
+    return (diffuser.predict_features(subject.test_fmri, subject.subject, rescale="paper")
+            if rescale == "paper" else None)
+
+
 def reconstruct_variants(diffuser, subject, out: Path, *, rows: Sequence[int], variants: Sequence[str] = VARIANTS,
                          base_seed: int = 0, rescale: str | None = None, batch_size: int = 4,
                          progress: ProgressFn | None = None, paper: bool = False,
@@ -57,18 +100,13 @@ def reconstruct_variants(diffuser, subject, out: Path, *, rows: Sequence[int], v
     """Make (or reuse) the PNGs of ``variants`` for test rows ``rows`` of ``subject``; returns their paths.
 
     ``paper``: the stage-2 settings and default rescaling of :data:`~brain_diffuser_core.config.PAPER_MODE`
-    (explicit ``rescale`` and ``overrides`` still win)."""
-    m = mode(paper)
-    rescale = m.rescale if rescale is None else rescale
-    overrides = {**(m.stage2_overrides() if paper else {}), **overrides}
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise ValueError(f"'variants' must be a non-empty subset of {list(VARIANTS)}; {list(variants)} was provided")
+    (explicit ``rescale`` and ``overrides`` still win). (The ``evaluate`` command makes them on the batch
+    layer instead: :mod:`brain_diffuser_core.batch.evaluate`, same images.)"""
+    rescale, overrides = resolve_settings(paper, rescale, overrides)
+    check_variants(variants)
     ids = [int(subject.test_image_ids[r]) for r in rows]
-    paths = {v: [out / "images" / v / f"{i}.png" for i in ids] for v in variants}
-    # "paper" rescaling needs every test prediction at once (z-score across the set)
-    feats_all = (diffuser.predict_features(subject.test_fmri, subject.subject, rescale="paper")
-                 if rescale == "paper" else None)
+    paths = {v: [out / image_relpath(v, i) for i in ids] for v in variants}
+    feats_all = paper_features(diffuser, subject, rescale)
     for variant in variants:
         todo = [k for k, p in enumerate(paths[variant]) if not p.exists()]
         done = len(rows) - len(todo)
@@ -76,20 +114,8 @@ def reconstruct_variants(diffuser, subject, out: Path, *, rows: Sequence[int], v
             progress(variant, done, len(rows))
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            batch_rows = [rows[k] for k in chunk]
-            if feats_all is not None:
-                feats = {name: v[batch_rows] for name, v in feats_all.items()}
-            else:
-                feats = diffuser.predict_features(subject.test_fmri[batch_rows], subject.subject, rescale=rescale)
-            seeds = [seed_for("trial", ids[k], base_seed=base_seed) for k in chunk]
-            keys = [f"{variant}/{ids[k]}" for k in chunk]
-            if variant == "stage1":
-                recs = diffuser.generate(feats, keys=keys, seeds=seeds, run_stage2=False, **overrides)
-                images = [r.stage1_upscaled for r in recs]
-            elif variant == "full":
-                images = [r.final for r in diffuser.generate(feats, keys=keys, seeds=seeds, **overrides)]
-            else:
-                images = _stage2_only(diffuser, feats, seeds, overrides)
+            images = variant_images(diffuser, subject, variant, [rows[k] for k in chunk], base_seed=base_seed,
+                                    rescale=rescale, overrides=overrides, feats_all=feats_all)
             for k, image in zip(chunk, images):
                 _save_png(paths[variant][k], image)
             done += len(chunk)
@@ -130,22 +156,35 @@ def evaluate_bundle(diffuser, subject, out: str | Path, *, rows: Sequence[int] |
         shows its original's category (e.g. :func:`world_category_score` on the MiniNSD demo); reported as
         the extra metric ``"Category"`` (a fraction).
     """
-    from .metrics import evaluate_images, format_table
-
     out = Path(out)
     rows = list(range(len(subject.test_image_ids))) if rows is None else [int(r) for r in rows]
     if len(rows) < 2:
         raise ValueError(f"'rows' must hold at least 2 test images (2-way identification); {len(rows)} given")
-    m = mode(paper)
-    rescale = m.rescale if rescale is None else rescale
+    rescale = mode(paper).rescale if rescale is None else rescale
     paths = reconstruct_variants(diffuser, subject, out, rows=rows, variants=variants, base_seed=base_seed,
                                  rescale=rescale, batch_size=batch_size, progress=progress, paper=paper,
                                  **overrides)
+    return score_variants(subject, out, rows=rows, paths=paths, networks=networks, network_kwargs=network_kwargs,
+                          pixel_size=pixel_size, rescale=rescale, paper=paper, category_judge=category_judge)
+
+
+def score_variants(subject, out: str | Path, *, rows: Sequence[int], paths: Mapping[str, Sequence[Path]],
+                   networks: Sequence[str] = ("clip", "efficientnet_lite0"),
+                   network_kwargs: Mapping[str, Mapping] | None = None, pixel_size: int | None = None,
+                   rescale: str = "train", paper: bool = False,
+                   category_judge: "CategoryScore | None" = None) -> dict[str, dict[str, float]]:
+    """Score the reconstructions ``paths`` ({variant: PNG per row}) of test ``rows`` against their originals
+    (all at once: 2-way identification compares every pair); writes ``metrics.json``, ``metrics.csv``,
+    ``per_image.csv`` and ``table.md`` under ``out``. Returns {variant: {metric: value}}."""
+    from .metrics import evaluate_images, format_table
+
+    out = Path(out)
+    m = mode(paper)
     ids = [int(subject.test_image_ids[r]) for r in rows]
     truths = np.stack([subject.image(i) for i in ids])
     size = pixel_size or truths.shape[1]
     summary, per_image = {}, {}
-    for variant in variants:
+    for variant in paths:
         recons = np.stack([_png(p) for p in paths[variant]])
         summary[variant], per_image[variant] = evaluate_images(
             recons, truths, networks, network_kwargs=network_kwargs, size=size, ssim_mode=m.ssim,

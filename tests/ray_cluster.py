@@ -63,6 +63,7 @@ class Cluster:
         self.head: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.node_ids: list[str] = []  # worker i's Ray node id
+        self.listed: list[dict] = []  # the last node listing (see nodes())
         self.start_seconds: float | None = None
 
     def __enter__(self) -> "Cluster":
@@ -88,9 +89,22 @@ class Cluster:
                  "--object-store-memory=100000000", f"--dashboard-agent-listen-port={_free_port()}",
                  "--min-worker-port=0", "--max-worker-port=0", "--include-log-monitor=false",
                  f"--resources={json.dumps({f'worker{i}': 1})}"], f"worker{i}.log"))
-            self.node_ids.append(self._wait_node(f"worker{i}", timeout))
+            self._wait_started(i, timeout)
+        # one listing for every node (each listing is a Python process of its own that imports Ray: seconds)
+        self.node_ids = self._wait_nodes([f"worker{i}" for i in range(n_workers)], timeout)
         self.start_seconds = time.perf_counter() - t0
         return self
+
+    def _wait_started(self, i: int, timeout: float) -> None:
+        """Until worker node i's `ray start` says it joined (its log; no Ray client process needed)."""
+        log, deadline = self.tmp / f"worker{i}.log", time.time() + timeout
+        while time.time() < deadline:
+            if self.workers[i].poll() is not None:
+                raise RuntimeError(f"worker node {i} exited: " + log.read_text()[-2000:])
+            if "Ray runtime started" in log.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker node {i} did not start in {timeout} s: " + log.read_text()[-2000:])
 
     def _wait_port(self, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -114,17 +128,18 @@ class Cluster:
             raise RuntimeError(f"could not list the cluster's nodes: {r.stderr[-2000:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    def _wait_node(self, resource: str, timeout: float) -> str:
+    def _wait_nodes(self, resources: list[str], timeout: float) -> list[str]:
+        """The node ids of the alive nodes holding ``resources`` (one each), in that order."""
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.workers[-1].poll() is not None:
-                raise RuntimeError(f"worker node {resource} exited: "
-                                   + (self.tmp / f"{resource}.log").read_text()[-2000:])
-            for n in self.nodes():
-                if resource in n["resources"]:
-                    return n["id"]
+        while True:
+            self.listed = self.nodes()
+            found = {r: n["id"] for n in self.listed for r in resources if r in n["resources"]}
+            if len(found) == len(resources):
+                return [found[r] for r in resources]
+            if time.time() > deadline:
+                raise RuntimeError(f"worker nodes {sorted(set(resources) - set(found))} did not join "
+                                   f"{self.address} in {timeout} s")
             time.sleep(0.5)
-        raise RuntimeError(f"worker node {resource} did not join {self.address} in {timeout} s")
 
     def raylet_pid(self, i: int) -> int:
         import psutil
@@ -161,9 +176,10 @@ class Cluster:
         for p in reversed(procs):  # workers first, then the head
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 3  # a short grace (the processes are ours alone), then SIGKILL
         for p in procs:
             try:
-                p.wait(timeout=15)
+                p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
         for pid in victims:

@@ -323,3 +323,26 @@ def test_extract_on_the_batch_layer_matches_the_library_and_resumes(batch_source
     # a folder of features written without the batch layer is refused (its shard numbers would collide)
     assert main([*args[:6], str(ref_dir), *args[7:]]) == 2
     assert "written without the batch layer" in capsys.readouterr().err
+
+
+def test_gpus_asked_of_a_cluster_without_any_are_refused_before_anything_is_written(batch_sources, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """The ray engine's resource check, against the resources a GPU-less cluster reports (the real
+    two-node cluster of tests/test_batch_ray.py reports the same {CPU: 2, GPU: 0})."""
+    import ray
+
+    from brain_diffuser_core.__main__ import main
+    from brain_diffuser_core.batch.ray_engine import RayEngine
+
+    def start(self):  # "connected": the cluster is the resources below
+        self._started = True
+
+    monkeypatch.setattr(RayEngine, "start", start)
+    monkeypatch.setattr(RayEngine, "close", lambda self: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 2e9})
+    out = tmp_path / "gpu"
+    rc = main(sweep_args(batch_sources, out, "--patterns", "V1", "--subjects", "1", "--engine", "ray",
+                         "--ray-address", "auto", "--device", "cuda"))
+    err = capsys.readouterr().err
+    assert rc == 3 and "asks for 1 GPU(s) per worker (--device cuda)" in err and "has 0 GPU(s)" in err
+    assert "--num-gpus" in err and not out.exists()

@@ -5,7 +5,9 @@ process; the default, Ray is never imported) and ``ray`` (model-holding Ray acto
 * :mod:`.plan`: items and shards; :mod:`.store`: the output folder, shard records, the index;
 * :mod:`.engine`: :func:`run_job`, the local engine, :func:`run_shard` (shared by both engines);
 * :mod:`.ray_engine`: the Ray engine; :mod:`.reader`: a finished (or partial) folder read back for the app;
-* jobs: :mod:`.sweep` (ROI-optimal scenes), :mod:`.reconstruct` (test trials).
+* jobs: :mod:`.extract` (features), :mod:`.fit` (decoders per subject), :mod:`.reconstruct` (test trials),
+  :mod:`.evaluate` (the metrics' reconstructions), :mod:`.sweep` (ROI-optimal scenes), :mod:`.validate`
+  (``world validate``'s scenes); :mod:`._worker`: the workers' shared setup (threads, models, subjects).
 """
 from .engine import BatchSummary, LocalEngine, parse_part, run_job, run_shard
 from .plan import Item, Shard, fingerprint, plan_shards

@@ -43,7 +43,8 @@ class Job(Protocol):
     def open_worker(self) -> Worker:
         """Load the models (once per process / actor) and return the worker."""
 
-    # optional: prepare(store) on the driver before any shard runs; shard_files(shard, outputs) -> {rel: bytes}
+    # optional: shards(shard_size) -> list[Shard] (default plan_shards(items(), shard_size));
+    # prepare(store) on the driver before any shard runs; shard_files(shard, outputs) -> {rel: bytes}
     # for one file per shard made from the items' ``arrays`` (see brain_diffuser_core.batch.extract)
 
 
@@ -167,7 +168,8 @@ def run_job(job: Job, out: str | os.PathLike, *, engine=None, shard_size: int = 
     engine = engine or LocalEngine()
     t0 = time.perf_counter()
     items = job.items()
-    shards = plan_shards(items, shard_size)
+    # a job may cut its own plan (e.g. no shard across subjects: see plan.plan_groups)
+    shards = job.shards(shard_size) if hasattr(job, "shards") else plan_shards(items, shard_size)
     settings = {**job.settings(), "shard_size": int(shard_size)}
     if hasattr(engine, "check"):
         engine.check(job)  # e.g. GPUs asked of a cluster without any: refused before anything is written

@@ -74,16 +74,13 @@ class ExtractJob:
 
 class _ExtractWorker:
     def __init__(self, job: ExtractJob):
-        import torch
-
         from ..features.extract import feature_encoders
-        from ..nsd import load_subject
         from ..pipeline import resolve_device
+        from ._worker import load_subjects, set_threads
 
-        if job.threads:
-            torch.set_num_threads(int(job.threads))
+        set_threads(job.threads)
         device = resolve_device(job.device)
-        self.subject = load_subject(job.nsd_root, job.subject, cache_dir=job.cache_dir, progress=False)
+        self.subject = load_subjects(job.nsd_root, [job.subject], job.cache_dir)[job.subject]
         vdvae = clip = None
         if "vdvae" in job.names:
             from ..features.vdvae import load_vdvae

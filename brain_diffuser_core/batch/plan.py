@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["Item", "Shard", "plan_shards", "fingerprint"]
+__all__ = ["Item", "Shard", "plan_shards", "plan_groups", "fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,20 @@ def plan_shards(items: Iterable[Item], shard_size: int) -> list[Shard]:
         raise ValueError(f"every item key must be unique in a job; {len(dupes)} repeat(s), e.g. {dupes[:3]}")
     size = int(shard_size)
     return [Shard(i // size, tuple(items[i:i + size])) for i in range(0, len(items), size)]
+
+
+def plan_groups(groups: Iterable[Sequence[Item]], shard_size: int) -> list[Shard]:
+    """Like :func:`plan_shards`, but no shard spans two groups (each group is cut on its own; shard indices
+    run on across groups). For jobs whose workers batch items of one group together (one subject's test rows,
+    one (ROI, subject)'s seeds): a shard's generation batches are then those of the single-process command."""
+    groups = [list(g) for g in groups]
+    plan_shards([it for g in groups for it in g], shard_size)  # refuses a bad size and repeated keys
+    shards: list[Shard] = []
+    size = int(shard_size)
+    for g in groups:
+        for i in range(0, len(g), size):
+            shards.append(Shard(len(shards), tuple(g[i:i + size])))
+    return shards
 
 
 def fingerprint(obj: Any) -> str:

@@ -57,16 +57,11 @@ class ReconstructJob:
 
 class _ReconstructWorker:
     def __init__(self, job: ReconstructJob):
-        import torch
+        from ._worker import load_subjects, open_diffuser
 
-        from ..nsd import load_subject
-        from ..pipeline import BrainDiffuser
-
-        if job.threads:
-            torch.set_num_threads(int(job.threads))
         self.job = job
-        self.diffuser = BrainDiffuser(job.bundle, device=job.device, paper=job.paper)
-        self.subject = load_subject(job.nsd_root, job.subject, cache_dir=job.cache_dir, progress=False)
+        self.diffuser = open_diffuser(job.bundle, threads=job.threads, device=job.device, paper=job.paper)
+        self.subject = load_subjects(job.nsd_root, [job.subject], job.cache_dir)[job.subject]
         # "paper" rescaling z-scores across the predicted test set: it needs all of it at once
         self.all_features = (self.diffuser.predict_features(self.subject.test_fmri, job.subject, rescale="paper")
                              if job.rescale == "paper" else None)

@@ -193,11 +193,18 @@ class ShardStore:
         return disk_error(err, path, self.out)
 
 
+def file_kind(rel: str) -> str:
+    """The part of a file name after its last "_" (``000_final.png`` -> final), or, for a name without one,
+    its folder's name (``images/full/123.png`` -> full, as the ``evaluate`` layout has it)."""
+    p = Path(rel)
+    return p.stem.rsplit("_", 1)[-1] if "_" in p.stem or len(p.parts) < 2 else p.parent.name
+
+
 def item_row(item: Mapping[str, Any]) -> dict:
     """A shard record's item -> its index row: "key", its params, its row values, and "file:<kind>" -> relative
-    path for each file, <kind> being the part of the file name after its last "_" (``000_final.png`` -> final)."""
+    path for each file (<kind>: :func:`file_kind`)."""
     return {"key": item["key"], **item.get("params", {}), **item.get("row", {}),
-            **{f"file:{Path(rel).stem.rsplit('_', 1)[-1]}": rel for rel in item.get("files", {})}}
+            **{f"file:{file_kind(rel)}": rel for rel in item.get("files", {})}}
 
 
 def read_manifest(out: str | os.PathLike) -> dict | None:

@@ -163,14 +163,10 @@ class _SweepWorker:
     """Holds one BrainDiffuser (decoders + generative models) for the life of a process or Ray actor."""
 
     def __init__(self, job: SweepJob):
-        import torch
+        from ._worker import open_diffuser
 
-        from ..pipeline import BrainDiffuser
-
-        if job.threads:
-            torch.set_num_threads(int(job.threads))
         self.job = job
-        self.diffuser = BrainDiffuser(job.bundle, device=job.device)
+        self.diffuser = open_diffuser(job.bundle, threads=job.threads, device=job.device)
 
     def run(self, items: Sequence[Item]) -> list[ItemOutput]:
         from ..export import png_bytes

@@ -65,24 +65,25 @@ def worker_threads(args: argparse.Namespace) -> int | None:
     return None
 
 
-def run_batch(make_job, args: argparse.Namespace):
-    """Run the job ``make_job()`` builds into ``args.out`` on the engine the options ask for; prints the summary
-    and returns ``(job, summary)``. The engine starts (Ray connects) before the job loads anything, so a wrong --ray-address
-    fails at once."""
+def run_batch(make_job, args: argparse.Namespace, out=None):
+    """Run the job ``make_job()`` builds into ``out`` (default ``args.out``) on the engine the options ask for;
+    prints the summary and returns ``(job, summary)``. The engine starts (Ray connects) before the job loads
+    anything, so a wrong --ray-address fails at once."""
     from ..batch import parse_part, run_job
 
+    out = args.out if out is None else out
     engine = make_engine(args)
     try:
         if hasattr(engine, "start"):
             engine.start()
         job = make_job()
-        summary = run_job(job, args.out, engine=engine, shard_size=args.shard_size, retries=args.retries,
+        summary = run_job(job, out, engine=engine, shard_size=args.shard_size, retries=args.retries,
                           part=parse_part(args.part), progress=not args.no_progress)
     finally:
         engine.close()
     extra = f"; Ray started in {engine.start_seconds:.1f} s" if getattr(engine, "start_seconds", None) else ""
     print(f"{job.kind}: {summary.computed} shard(s) computed, {summary.skipped} done already, "
-          f"{len(summary.rows)} of {summary.n_items} items in {args.out} ({summary.seconds:.1f} s{extra})")
+          f"{len(summary.rows)} of {summary.n_items} items in {out} ({summary.seconds:.1f} s{extra})")
     return job, summary
 
 

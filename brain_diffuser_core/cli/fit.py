@@ -3,11 +3,16 @@
 Example::
 
     python -m brain_diffuser_core fit --nsd-root /data/nsd --subject 1 --features feats/ --out bundle/
+    python -m brain_diffuser_core fit ... --subject 1,2,5,7 --engine ray --ray-address auto
 
 The subject's train fMRI (``nsd.load_subject``) is regressed onto the train images' features read from the
 feature store (``features.store.FeatureStore``), one factorisation of the fMRI kernel serving the three
 decoders, with the paper's alphas unless overridden. Adding a subject to an existing bundle keeps the other
 subjects; refitting some features of a subject keeps its other decoders when the voxel mask is unchanged.
+
+On the batch layer (one item per subject): each subject's decoders are committed to the work folder
+(``--work``) as they finish, so an interrupted multi-subject fit resumes with the missing subjects (other
+settings into an unfinished work folder are refused); the bundle is written when every subject is done.
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..config import FEATURE_NAMES, PAPER
+from ._engine import ENGINE_HELP, add_engine_arguments
 
-__all__ = ["add_parser", "fit_decoders", "fit_subject_bundle", "parse_feature_list"]
+__all__ = ["add_parser", "fit_decoders", "fit_subject_bundle", "parse_feature_list", "parse_subjects"]
 
 
 def parse_feature_list(text: str) -> list[str]:
@@ -181,36 +187,78 @@ def fit_subject_bundle(
     return save_bundle(out, {subj: entry}, feature_shapes=shapes, models=models, update=True)
 
 
+def parse_subjects(text: str) -> list[int]:
+    """'1' or '1,2,5,7' -> [1, 2, 5, 7] (NSD subjects 1..8, each once)."""
+    try:
+        subjects = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        subjects = []
+    if not subjects or any(not 1 <= s <= 8 for s in subjects):
+        raise ValueError(f"'--subject' must be a subject 1..8 or a comma list of them; {text!r} was provided")
+    return list(dict.fromkeys(subjects))
+
+
 def _run(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ..batch import BatchSettingsError
+    from ..batch.fit import FitJob, assemble_bundle, store_stamp
     from ..features.store import FeatureStore
     from ..nsd import load_subject
+    from ._engine import run_batch, worker_threads
 
     names = parse_feature_list(args.features_to)
+    subjects = parse_subjects(args.subject)
     alphas = {"vdvae": args.alpha_vdvae, "clip_text": args.alpha_clip_text, "clip_vision": args.alpha_clip_vision}
+    alphas = {n: float(alphas.get(n) or PAPER.ridge_alpha(n)) for n in names}
     models = None
     if args.models_json:
         path = Path(args.models_json)
         if not path.exists():
             raise FileNotFoundError(f"'--models-json' file {path} does not exist")
         models = json.loads(path.read_text())
-    store = FeatureStore(args.features)
-    subject = load_subject(args.nsd_root, args.subject, cache_dir=args.cache_dir)
+    work = Path(args.work) if args.work else Path(f"{Path(args.out)}.fit-work")
     loo: bool | int = True if args.loo_rows is None else (False if args.loo_rows == 0 else args.loo_rows)
-    out = fit_subject_bundle(
-        subject, store, args.out, feature_names=names, alphas=alphas, rank=args.rank, dtype=args.dtype,
-        models=models, backend=args.backend, loo_stats=loo, n_targets_batch=args.batch, progress=True,
-    )
-    print(f"wrote decoders for subject {args.subject} ({', '.join(names)}) to {out}")
+
+    def make_job() -> FitJob:
+        store = FeatureStore(args.features)
+        masks = {}
+        for s in subjects:  # every subject's features are checked before anything is written
+            subject = load_subject(args.nsd_root, s, cache_dir=args.cache_dir)
+            _store_sources(store, names, np.asarray(subject.train_image_ids, dtype=np.int64))
+            masks[s] = str(subject.mask_sha256)
+            del subject
+        return FitJob(nsd_root=str(Path(args.nsd_root).resolve()), features=str(Path(args.features).resolve()),
+                      subjects=subjects, names=names, alphas=alphas, masks=masks, rank=args.rank, dtype=args.dtype,
+                      backend=args.backend, loo_stats=loo, n_targets_batch=args.batch,
+                      cache_dir=args.cache_dir and str(Path(args.cache_dir).resolve()),
+                      threads=worker_threads(args), progress=args.engine == "local" and not args.no_progress,
+                      stamp=store_stamp(args.features, names))
+
+    try:
+        _, summary = run_batch(make_job, args, out=work)
+    except BatchSettingsError as err:  # the store names --out; fit's batch folder is --work
+        raise BatchSettingsError(str(err).replace("or choose another --out folder",
+                                                  "or pass another --work folder (or remove this one)")) from None
+    if len(summary.rows) < summary.n_items:  # --part: other parts still have subjects to fit
+        print(f"{summary.n_items - len(summary.rows)} subject(s) still to fit (other --part ranges); the bundle "
+              f"is written by the run that finds every shard done")
+        return 0
+    out = assemble_bundle(work, summary.rows, args.out, models=models)
+    if args.part is None and not args.keep_work:
+        shutil.rmtree(work)  # every decoder is in the bundle now; a later fit with other settings starts afresh
+    print(f"wrote decoders for subject(s) {', '.join(map(str, subjects))} ({', '.join(names)}) to {out}")
     return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "fit", help="fit ridge decoders fMRI -> features and write a decoder bundle",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ + "\n" + ENGINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--nsd-root", required=True, help="NSD root folder")
-    p.add_argument("--subject", type=int, required=True, help="NSD subject (the paper uses 1, 2, 5, 7)")
+    p.add_argument("--subject", required=True,
+                   help="NSD subject, or a comma list (the paper uses 1,2,5,7): one batch item each")
     p.add_argument("--features", required=True, help="feature store folder (vdvae, clip_text, clip_vision by 73k id)")
     p.add_argument("--out", required=True, help="bundle folder to write or update")
     p.add_argument("--features-to", default=",".join(FEATURE_NAMES), help="comma list of features to fit")
@@ -227,5 +275,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="prepared-subject cache folder (see 'prepare')")
     p.add_argument("--models-json", default=None,
                    help='JSON file of model references, e.g. {"vdvae": {"path": "..."}, "clip": {"hf_id": "..."}}')
+    p.add_argument("--work", default=None, metavar="DIR",
+                   help="batch work folder: each subject's decoders as they finish (default: <out>.fit-work; "
+                        "removed once the bundle is written, unless --keep-work or --part)")
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder after writing the bundle")
+    add_engine_arguments(p, shard_size=1)
     p.set_defaults(func=_run)
     return p

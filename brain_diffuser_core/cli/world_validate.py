@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 
 from ..config import PAPER
+from ._engine import ENGINE_HELP, add_engine_arguments, run_batch, worker_threads
 
 HELP = "score ROI-optimal scenes of a bundle against the world's known tuning (in-silico validation)"
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Generate the paper's ROI-optimal scenes (pattern 1 inside an ROI, 0 elsewhere; each subject and the subject
 average) with a decoder bundle fitted on a MiniNSD world, and score them against the observers' known tuning:
 
@@ -34,10 +35,15 @@ average) with a decoder bundle fitted on a MiniNSD world, and score them against
 Writes <out>/report.json (summary, aims, per-seed values), per_seed.csv, summary.csv and
 <out>/sheets/<roi>.png contact sheets (rows = subjects, columns = seeds), and prints the table. The aims
 are computed from the numbers; with untrained demo models they say nothing about the method (flagged).
+The scenes are generated on the batch layer into <out>/images/<roi>/<subject>/<k>_scored.png (one item per
+roi, subject and seed): a rerun skips finished shards, and other generation settings into the same <out>
+are refused; the judges (--judge, --calibration, --judge-scenes) only score, again on every run.
 
-example:
+{ENGINE_HELP}
+examples:
   python -m brain_diffuser_core world validate --bundle ~/.cache/brain-diffuser-explorer/demo-bundle
   python -m brain_diffuser_core world validate --bundle B --world ~/mininsd --seeds 4 --rois faces,V1,V4
+  python -m brain_diffuser_core world validate --bundle B --engine ray --ray-address auto
 """
 
 
@@ -67,11 +73,13 @@ def add_validate_action(actions) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=PAPER.stage2.num_inference_steps,
                    help=f"DDIM steps (default: {PAPER.stage2.num_inference_steps})")
     p.add_argument("--stage1-only", action="store_true", help="score the stage-1 images (skip stage 2)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images generated at once (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="images generated at once (default: 16; keep --shard-size a multiple of it for the "
+                        "single-process batches)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-subject cache (as for `prepare`)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_engine_arguments(p, shard_size=16)
     p.set_defaults(func=run_validate)
     return p
 
@@ -99,9 +107,11 @@ def run_validate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..pipeline import BrainDiffuser
+    from ..batch._worker import decoders_only
+    from ..batch.validate import ValidateJob, validation_images
+    from ..export import bundle_digest
     from ..world.demo import read_demo_stamp
-    from ..world.validate import validate_bundle
+    from ..world.validate import fit_judges, plan_validation, score_validation
 
     if args.seeds < 1:
         raise ValueError(f"'--seeds' must be >= 1; {args.seeds} was provided")
@@ -112,22 +122,28 @@ def run_validate(args: argparse.Namespace) -> int:
             raise ValueError(f"bundle {args.bundle} records no world (no demo.json with 'world_root'); "
                              "pass --world DIR")
         world = stamp["world_root"]
-    if torch.get_num_threads() > 2 and str(args.device) == "cpu":
+    if args.threads is None and args.engine == "local" and torch.get_num_threads() > 2 \
+            and str(args.device) == "cpu":
         torch.set_num_threads(2)
-    diffuser = BrainDiffuser(args.bundle, device=args.device)
+    # the driver decodes and scores; the batch workers hold the generative models
+    diffuser = decoders_only(args.bundle, args.device)
     rois = [r.strip() for r in args.rois.split(",") if r.strip()]
-    from ._progress import step_bar
-
-    bar, progress = step_bar("world validate", "batch", disable=args.no_progress)
-
-    try:
-        report = validate_bundle(diffuser, world, rois=rois, subjects=_parse_subjects(args.subjects),
-                                 n_seeds=args.seeds, judge=args.judge, progress=progress,
-                                 n_calibration=args.calibration, batch_size=args.batch_size, base_seed=args.seed,
-                                 cache_dir=args.cache_dir, run_stage2=not args.stage1_only,
-                                 judge_scenes=args.judge_scenes, num_inference_steps=args.steps)
-    finally:
-        bar.close()
+    plan = plan_validation(diffuser.bundle, world, rois=rois, subjects=_parse_subjects(args.subjects),
+                           n_seeds=args.seeds, judge=args.judge, base_seed=args.seed, cache_dir=args.cache_dir)
+    judges = fit_judges(diffuser, plan, judge=args.judge, n_calibration=args.calibration,
+                        judge_scenes=args.judge_scenes, cache_dir=args.cache_dir)
+    overrides = {"num_inference_steps": args.steps}
+    run_stage2 = not args.stage1_only
+    _, summary = run_batch(lambda: ValidateJob(
+        bundle=str(Path(args.bundle).resolve()), bundle_digest=bundle_digest(args.bundle), plan=plan,
+        run_stage2=run_stage2, overrides=overrides, device=str(args.device), batch_size=args.batch_size,
+        threads=worker_threads(args)), args)
+    if len(summary.rows) < summary.n_items:  # --part: another part still has shards to run
+        print(f"{summary.n_items - len(summary.rows)} scene(s) still to generate (other --part ranges); the "
+              "report is written by the run that finds every shard done")
+        return 0
+    report = score_validation(diffuser, plan, judges, validation_images(args.out, summary.rows), judge=args.judge,
+                              run_stage2=run_stage2, **overrides)
     paths = report.write(args.out)
     print(report.format_table())
     print(f"\nreport         {paths['json']}")

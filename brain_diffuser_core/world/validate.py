@@ -87,6 +87,12 @@ __all__ = [
     "NOT_AVAILABLE",
     "ValidationReport",
     "validate_bundle",
+    "ValidationPlan",
+    "plan_validation",
+    "generate_validation_images",
+    "ValidationJudges",
+    "fit_judges",
+    "score_validation",
     "world_calibration_scenes",
 ]
 
@@ -765,6 +771,164 @@ def _models_trained(bundle) -> bool | None:
     return None
 
 
+@dataclass
+class ValidationPlan:
+    """What a validation generates: per (roi, subject label), the subjects' ROI patterns, the members (the
+    subjects whose predicted features are averaged), the generation name and the seeds.
+
+    patterns : (roi, label) -> {subject: float32 (n_voxels,)}; seeds : (roi, label) -> [seed per k]."""
+
+    world_root: str
+    rois: list[str]
+    subjects: list  # ints and/or "average", as given
+    labels: list[str]
+    n_seeds: int
+    base_seed: int
+    avg_members: list[int]
+    needed: list[int]
+    patterns: dict = field(default_factory=dict)
+    seeds: dict = field(default_factory=dict)
+    info: object = None
+
+    def name(self, roi: str, label: str) -> str:
+        return f"validate/{roi}/{label}"
+
+    def keys(self) -> list[tuple[str, str]]:
+        """(roi, label) in report order."""
+        return [(roi, label) for roi in self.rois for label in self.labels]
+
+
+def plan_validation(bundle, world_root, *, rois: Sequence[str] = DEFAULT_ROIS,
+                    subjects: Sequence[int | str] | None = None, n_seeds: int = 16, judge: str = "independent",
+                    base_seed: int = 0, cache_dir=None) -> ValidationPlan:
+    """Check the inputs against ``bundle`` (a :class:`~brain_diffuser_core.bundle.Bundle`) and the world, and
+    compute every (roi, subject)'s patterns and seeds (see :func:`validate_bundle`)."""
+    from ..nsd import load_subject
+    from .build import read_world_info
+
+    if judge not in JUDGES:
+        raise ValueError(f"'judge' must be one of {list(JUDGES)}; {judge!r} was provided")
+    rois = list(rois)
+    for r in rois:
+        roi_spec(r)  # raises UnknownRoiError naming the catalogue
+    if not rois:
+        raise ValueError("'rois' must name at least one ROI; an empty list was provided")
+    if int(n_seeds) < 1:
+        raise ValueError(f"'n_seeds' must be >= 1; {n_seeds} was provided")
+    info = read_world_info(world_root)
+    bundle_subjects = bundle.subjects
+    if subjects is None:
+        subjects = list(bundle_subjects) + ([AVERAGE] if len(bundle_subjects) > 1 else [])
+    subjects = [s if s == AVERAGE else int(s) for s in subjects]
+    ints = [s for s in subjects if s != AVERAGE]
+    bad = [s for s in ints if s not in bundle_subjects or s not in info.n_voxels]
+    if bad or not subjects:
+        raise ValueError(f"'subjects' must be a non-empty list among the bundle's and world's subjects "
+                         f"{sorted(set(bundle_subjects) & set(info.n_voxels))} or 'average'; {subjects} was provided")
+    avg_members = [s for s in bundle_subjects if s in info.n_voxels]
+    needed = sorted(set(ints) | (set(avg_members) if AVERAGE in subjects else set()))
+    subs = {s: load_subject(world_root, s, cache_dir=cache_dir, progress=False) for s in needed}
+    for s, sub in subs.items():
+        bundle.check_subject(s, sub.n_voxels, sub.mask_sha256)
+    plan = ValidationPlan(world_root=str(world_root), rois=rois, subjects=subjects,
+                          labels=[_subject_label(s) for s in subjects], n_seeds=int(n_seeds),
+                          base_seed=int(base_seed), avg_members=avg_members, needed=needed, info=info)
+    for roi in rois:
+        per = {s: subs[s].synthetic_pattern({roi: 1.0}) for s in needed}
+        for subj, label in zip(subjects, plan.labels):
+            members = avg_members if subj == AVERAGE else [subj]
+            plan.patterns[(roi, label)] = {s: per[s] for s in members}
+            plan.seeds[(roi, label)] = [seed_for("pattern", plan.name(roi, label), k, base_seed=base_seed)
+                                        for k in range(int(n_seeds))]
+    return plan
+
+
+def generate_validation_images(diffuser, plan: ValidationPlan, roi: str, label: str, seeds: Sequence[int], *,
+                               run_stage2: bool = True, **overrides) -> list[np.ndarray]:
+    """The scored images (final, or the upscaled stage 1 without stage 2) of (roi, label) for ``seeds``,
+    generated as one batch."""
+    recs = diffuser.reconstruct_pattern(plan.patterns[(roi, label)], name=plan.name(roi, label), seeds=list(seeds),
+                                        run_stage2=run_stage2, **overrides)
+    return [r.final if r.final is not None else r.stage1_upscaled for r in recs]
+
+
+@dataclass
+class ValidationJudges:
+    """The judges fitted on the world (observer, independent, CLIP when it loads) and the decoder-level check."""
+
+    observer: ObserverJudge
+    independent: object
+    clip: "ClipJudge | None"
+    clip_note: str
+    decoded: "DecodedCategoryCheck | None"
+    decoded_note: str
+    n_calibration: int
+
+
+def fit_judges(diffuser, plan: ValidationPlan, *, judge: str = "independent", n_calibration: int = 600,
+               judge_scenes: int = 200, cache_dir=None) -> ValidationJudges:
+    """Fit the judges of :func:`validate_bundle` (``diffuser``: its bundle and device are used, not its
+    generative models). Raises ValueError for judge "clip" when the bundle's CLIP does not load."""
+    from ..config import cache_root
+    from .judge import CategoryJudge
+    from .observer import Observer
+
+    info = plan.info
+    observers = {s: Observer(s, seed=int(info.params["seed"]), noise_sd=float(info.params["noise_sd"]))
+                 for s in plan.needed}
+    scenes = world_calibration_scenes(plan.world_root, n_calibration)
+    obs_judge = ObserverJudge.fit(observers, scenes)
+    independent = CategoryJudge.cached(cache_dir if cache_dir is not None else cache_root(),
+                                       n_per_category=judge_scenes,
+                                       n_heldout_per_category=max(1, int(judge_scenes) // 4))
+    extractor, why, where = _load_clip(diffuser)
+    if extractor is not None:
+        clip_judge, clip_note = _load_clip_judge(diffuser, scenes, extractor, where)
+        decoded_check = DecodedCategoryCheck.fit(extractor, scenes)
+        decoded_note = (f"nearest centred centroid (cosine) over {len(decoded_check.categories)} categories of "
+                        f"{where}'s text / vision features of {len(scenes)} calibration scenes")
+    else:
+        clip_judge, clip_note, decoded_check, decoded_note = None, why, None, why
+    if judge == "clip" and clip_judge is None:
+        raise ValueError(f"judge 'clip' needs the bundle's CLIP towers; {clip_note}")
+    return ValidationJudges(obs_judge, independent, clip_judge, clip_note, decoded_check, decoded_note, len(scenes))
+
+
+def score_validation(diffuser, plan: ValidationPlan, judges: ValidationJudges, images: Mapping, *,
+                     judge: str = "independent", run_stage2: bool = True, **overrides) -> ValidationReport:
+    """The report of the generated ``images`` ((roi, label) -> uint8 (n_seeds, H, W, 3), seeds in plan
+    order): every judge's labels, the image measures and the decoder-level check per (roi, label)."""
+    report = ValidationReport(rois=plan.rois, subjects=list(plan.labels), n_seeds=plan.n_seeds,
+                              judge=judge, clip_note=judges.clip_note, decoded_note=judges.decoded_note,
+                              independent_note=judges.independent.describe(),
+                              models_trained=_models_trained(diffuser.bundle),
+                              settings={"base_seed": plan.base_seed, "run_stage2": bool(run_stage2),
+                                        "n_calibration": judges.n_calibration, **overrides})
+    for roi, label in plan.keys():
+        pats = plan.patterns[(roi, label)]
+        members = list(pats)
+        report.n_voxels[(roi, label)] = int(sum(int(p.sum()) for p in pats.values()))
+        if judges.decoded is not None:  # decoder level: the features the generator will be given
+            feats = diffuser.pattern_features(pats)
+            report.decoded[(roi, label)] = {k: judges.decoded.classify(k, feats[k])[0] for k in DECODED_FEATURES}
+        imgs = np.stack(images[(roi, label)])
+        report.images[(roi, label)] = imgs
+        small = to_world_size(imgs)
+        obs_labels = judges.observer.classify(small, members)
+        ind_labels = judges.independent.classify(small)
+        clip_labels = judges.clip.classify(imgs) if judges.clip is not None else [None] * len(imgs)
+        hf, col, ecc = hf_energy_fraction(small), colourfulness(small), contrast_centroid_deg(small)
+        name = plan.name(roi, label)
+        for k, seed in enumerate(plan.seeds[(roi, label)]):
+            report.records.append({
+                "roi": roi, "subject": label, "seed": int(seed), "key": f"{name}/seed{seed}",
+                "preferred": CATEGORY_ROIS.get(roi), "independent": ind_labels[k], "observer": obs_labels[k],
+                "clip": clip_labels[k],
+                "hf_fraction": float(hf[k]), "colourfulness": float(col[k]),
+                "ecc_centroid_deg": None if not np.isfinite(ecc[k]) else float(ecc[k])})
+    return report
+
+
 def validate_bundle(
     diffuser,
     world_root,
@@ -803,108 +967,32 @@ def validate_bundle(
         judge's fitted probe is cached under it too (default: the app's cache).
     overrides : stage settings for generation (e.g. ``num_inference_steps=10``, ``run_stage2=False``).
 
+    The ``world validate`` command runs the same steps with the generation on the batch layer
+    (:mod:`brain_diffuser_core.batch.validate`): :func:`plan_validation`, :func:`fit_judges`,
+    :func:`generate_validation_images` per batch of seeds, :func:`score_validation`.
+
     Returns
     -------
     ValidationReport
     """
-    from ..nsd import load_subject
-    from .build import read_world_info
-    from .observer import Observer
-
-    # 1. Check inputs
-    if judge not in JUDGES:
-        raise ValueError(f"'judge' must be one of {list(JUDGES)}; {judge!r} was provided")
-    rois = list(rois)
-    for r in rois:
-        roi_spec(r)  # raises UnknownRoiError naming the catalogue
-    if not rois:
-        raise ValueError("'rois' must name at least one ROI; an empty list was provided")
-    if int(n_seeds) < 1:
-        raise ValueError(f"'n_seeds' must be >= 1; {n_seeds} was provided")
-    info = read_world_info(world_root)
-    bundle_subjects = diffuser.bundle.subjects
-    if subjects is None:
-        subjects = list(bundle_subjects) + ([AVERAGE] if len(bundle_subjects) > 1 else [])
-    subjects = [s if s == AVERAGE else int(s) for s in subjects]
-    ints = [s for s in subjects if s != AVERAGE]
-    bad = [s for s in ints if s not in bundle_subjects or s not in info.n_voxels]
-    if bad or not subjects:
-        raise ValueError(f"'subjects' must be a non-empty list among the bundle's and world's subjects "
-                         f"{sorted(set(bundle_subjects) & set(info.n_voxels))} or 'average'; {subjects} was provided")
-    avg_members = [s for s in bundle_subjects if s in info.n_voxels]
-    needed = sorted(set(ints) | (set(avg_members) if AVERAGE in subjects else set()))
     run_stage2 = bool(overrides.pop("run_stage2", True))
-
-    # 2. Subjects' ROI masks (checked against the bundle) and the observers
-    subs = {s: load_subject(world_root, s, cache_dir=cache_dir, progress=False) for s in needed}
-    for s, sub in subs.items():
-        diffuser.bundle.check_subject(s, sub.n_voxels, sub.mask_sha256)
-    observers = {s: Observer(s, seed=int(info.params["seed"]), noise_sd=float(info.params["noise_sd"])) for s in needed}
-
-    # 3. Judges
-    scenes = world_calibration_scenes(world_root, n_calibration)
-    obs_judge = ObserverJudge.fit(observers, scenes)
-    from ..config import cache_root
-    from .judge import CategoryJudge
-
-    independent = CategoryJudge.cached(cache_dir if cache_dir is not None else cache_root(),
-                                       n_per_category=judge_scenes,
-                                       n_heldout_per_category=max(1, int(judge_scenes) // 4))
-    extractor, why, where = _load_clip(diffuser)
-    if extractor is not None:
-        clip_judge, clip_note = _load_clip_judge(diffuser, scenes, extractor, where)
-        decoded_check = DecodedCategoryCheck.fit(extractor, scenes)
-        decoded_note = (f"nearest centred centroid (cosine) over {len(decoded_check.categories)} categories of "
-                        f"{where}'s text / vision features of {len(scenes)} calibration scenes")
-    else:
-        clip_judge, clip_note, decoded_check, decoded_note = None, why, None, why
-    if judge == "clip" and clip_judge is None:
-        raise ValueError(f"judge 'clip' needs the bundle's CLIP towers; {clip_note}")
-
-    report = ValidationReport(rois=rois, subjects=[_subject_label(s) for s in subjects], n_seeds=int(n_seeds),
-                              judge=judge, clip_note=clip_note, decoded_note=decoded_note,
-                              independent_note=independent.describe(),
-                              models_trained=_models_trained(diffuser.bundle),
-                              settings={"base_seed": int(base_seed), "run_stage2": run_stage2,
-                                        "n_calibration": len(scenes), **overrides})
-    # 4. Generate and score
+    plan = plan_validation(diffuser.bundle, world_root, rois=rois, subjects=subjects, n_seeds=n_seeds,
+                           judge=judge, base_seed=base_seed, cache_dir=cache_dir)
+    judges = fit_judges(diffuser, plan, judge=judge, n_calibration=n_calibration, judge_scenes=judge_scenes,
+                        cache_dir=cache_dir)
     n_batches = math.ceil(int(n_seeds) / int(batch_size))
-    total, done = len(rois) * len(subjects) * n_batches, 0
+    total, done = len(plan.keys()) * n_batches, 0
     if progress is not None:
         progress("judges calibrated", 0, total)
-    for roi in rois:
-        pref = CATEGORY_ROIS.get(roi)
-        patterns = {s: subs[s].synthetic_pattern({roi: 1.0}) for s in needed}
-        for subj in subjects:
-            label = _subject_label(subj)
-            members = avg_members if subj == AVERAGE else [subj]
-            report.n_voxels[(roi, label)] = int(sum(int(patterns[s].sum()) for s in members))
-            if decoded_check is not None:  # decoder level: the features the generator will be given
-                feats = diffuser.pattern_features({s: patterns[s] for s in members})
-                report.decoded[(roi, label)] = {k: decoded_check.classify(k, feats[k])[0] for k in DECODED_FEATURES}
-            name = f"validate/{roi}/{label}"
-            seeds = [seed_for("pattern", name, k, base_seed=base_seed) for k in range(int(n_seeds))]
-            images = []
-            for b in range(n_batches):
-                chunk = seeds[b * batch_size:(b + 1) * batch_size]
-                recs = diffuser.reconstruct_pattern({s: patterns[s] for s in members}, name=name, seeds=chunk,
-                                                    run_stage2=run_stage2, **overrides)
-                images += [r.final if r.final is not None else r.stage1_upscaled for r in recs]
-                done += 1
-                if progress is not None:
-                    progress(f"{roi} {label}", done, total)
-            imgs = np.stack(images)
-            report.images[(roi, label)] = imgs
-            small = to_world_size(imgs)
-            obs_labels = obs_judge.classify(small, members)
-            ind_labels = independent.classify(small)
-            clip_labels = clip_judge.classify(imgs) if clip_judge is not None else [None] * len(imgs)
-            hf, col, ecc = hf_energy_fraction(small), colourfulness(small), contrast_centroid_deg(small)
-            for k, seed in enumerate(seeds):
-                report.records.append({
-                    "roi": roi, "subject": label, "seed": int(seed), "key": f"{name}/seed{seed}",
-                    "preferred": pref, "independent": ind_labels[k], "observer": obs_labels[k],
-                    "clip": clip_labels[k],
-                    "hf_fraction": float(hf[k]), "colourfulness": float(col[k]),
-                    "ecc_centroid_deg": None if not np.isfinite(ecc[k]) else float(ecc[k])})
-    return report
+    images = {}
+    for roi, label in plan.keys():
+        seeds = plan.seeds[(roi, label)]
+        images[(roi, label)] = []
+        for b in range(n_batches):
+            chunk = seeds[b * batch_size:(b + 1) * batch_size]
+            images[(roi, label)] += generate_validation_images(diffuser, plan, roi, label, chunk,
+                                                               run_stage2=run_stage2, **overrides)
+            done += 1
+            if progress is not None:
+                progress(f"{roi} {label}", done, total)
+    return score_validation(diffuser, plan, judges, images, judge=judge, run_stage2=run_stage2, **overrides)
