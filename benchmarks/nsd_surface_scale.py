@@ -11,12 +11,11 @@ depth), 65 % elsewhere in the volume, 5 % are 9999. Then, in one run:
    the build: what the cache saves);
 3. project a pattern (``SurfaceMap.project``) and draw it server side: ``surface.surface_figure`` and
    ``surface.flat_figure`` with two ROI outlines, plus ``fig.to_json()`` (what ``st.plotly_chart`` sends), each
-   with a new pattern (so nilearn's colour cache never hits), median of ``--repeats``;
-4. with ``--browser``: the same figure drawn by Debian's chromium (playwright, software WebGL): time from the
-   page's start to plotly's ``newPlot`` promise resolving, for an HTML page holding the figure and plotly.js,
-   median of ``--repeats`` fresh pages.
+   with a new pattern (so nilearn's colour cache never hits), median of ``--repeats``.
 
-    python benchmarks/nsd_surface_scale.py [--repeats 3] [--browser] [--out figures.json]
+The figures in a browser (chromium's draw time, old figure against new): ``benchmarks/surface_draw.py``.
+
+    python benchmarks/nsd_surface_scale.py [--repeats 3] [--out figures.json]
 
 Run it under ``taskset -c 1``: the figures printed are for that one core.
 """
@@ -38,8 +37,6 @@ sys.path.insert(0, str(ROOT))
 SHAPE = (81, 104, 83)
 N_VOXELS = 15724
 N_NATIVE = 227_000
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
 def write_fixture(root: Path, seed: int = 0):
@@ -90,33 +87,9 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def browser_draw(fig, repeats: int, workdir: Path) -> list[float]:
-    """Seconds from navigation start to plotly's newPlot resolving in chromium, one fresh page per repeat."""
-    import plotly.io as pio
-    from playwright.sync_api import sync_playwright
-
-    html = workdir / "figure.html"
-    html.write_text(pio.to_html(fig, include_plotlyjs=True, full_html=True,
-                                post_script="window.__drawn = performance.now();"))
-    out = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            for _ in range(repeats):
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(html.as_uri(), wait_until="commit", timeout=300_000)
-                page.wait_for_function("window.__drawn !== undefined", timeout=300_000)
-                out.append(page.evaluate("window.__drawn") / 1000.0)
-                page.close()
-        finally:
-            browser.close()
-    return out
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--browser", action="store_true", help="also time the figure in chromium (playwright)")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
 
@@ -168,11 +141,6 @@ def main(argv=None) -> dict:
             res[f"{name}_json_MB"] = round(len(text) / 1e6, 2)
             print(f"draw server side, {name}: figure {t_fig:.2f} s + to_json {t_json:.2f} s "
                   f"({len(text) / 1e6:.1f} MB of JSON), with 2 ROI outlines")
-            if args.browser:
-                times = browser_draw(fig, args.repeats, tmp)
-                res[f"{name}_chromium_s"] = round(statistics.median(times), 2)
-                print(f"draw in chromium, {name}: {statistics.median(times):.2f} s from page start to newPlot "
-                      f"resolved (median of {len(times)}; includes parsing plotly.js, software WebGL)")
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
     return res

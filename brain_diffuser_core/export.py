@@ -211,9 +211,9 @@ def load_evaluation(folder: str | Path) -> EvaluationResults | None:
 
 def higher_is_better(metric: str) -> bool:
     """False for correlation-distance columns (a registered network whose metric is "distance"), else True."""
-    from .metrics import _REGISTRY
+    from .metrics import registered_networks
 
-    for spec in _REGISTRY.values():
+    for spec in registered_networks():
         if metric in (spec.label, spec.paper_column):
             return spec.metric != "distance"
     return metric not in ("EffNet-B", "SwAV")
@@ -249,9 +249,9 @@ def comparison_rows(summary: Mapping[str, Mapping[str, float]], *, label: str = 
     stand-in network's label (e.g. "EffNet-Lite0") is compared with its paper column (e.g. "EffNet-B") with
     ``comparable`` False. Metrics without a paper column get our rows only.
     """
-    from .metrics import _REGISTRY, PAPER_TABLE, SSIM_COLUMNS_LABEL
+    from .metrics import PAPER_TABLE, SSIM_COLUMNS_LABEL, registered_networks
 
-    column_of = {s.label: (s.paper_column, not s.stand_in) for s in _REGISTRY.values() if s.paper_column}
+    column_of = {s.label: (s.paper_column, not s.stand_in) for s in registered_networks() if s.paper_column}
     out: list[dict[str, Any]] = []
     metrics = list(dict.fromkeys(m for s in summary.values() for m in s))
     if SSIM_COLUMNS_LABEL in metrics:  # our "SSIM" is then true 2-D SSIM; the published one is column-wise

@@ -62,7 +62,8 @@ def show_pattern(nsd_root: str, subject: int, pattern: np.ndarray, title: str, k
     show_surface_maps(maps, title, view, key, outlines=outlines, value_label=value_label)
     n_covered = sum(int(smap.covered(h).sum()) for h in maps)
     st.caption(f"{n_covered:,} of {2 * nsd_surface.FSAVERAGE5_N_VERTICES:,} fsaverage5 vertices get a value "
-               "(NSD's sampling at three cortical depths, mean over depths, coverage >= 0.5); hover for values"
+               "(NSD's sampling at three cortical depths, mean over depths, coverage >= 0.5); hover for values "
+               "(NaN: no value)"
                + ("; black: ROI outlines" if outlines else "") + ".")
     return view
 

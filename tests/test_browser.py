@@ -173,6 +173,25 @@ def _plot_traces(page) -> list[str]:
     return page.evaluate("() => document.querySelector('.js-plotly-plot').data.map(t => t.name || '')")
 
 
+def _hover_label(page) -> str:
+    """The hover label plotly.js writes with the mouse over the first chart, tried at a few points on the
+    hemispheres (not the gap between them); '' when none shows one."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.locator(".js-plotly-plot .gl-container canvas").first.bounding_box()
+    for fy in (0.5, 0.4, 0.6):
+        for fx in (0.3, 0.7, 0.4, 0.6):
+            page.mouse.move(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+            with contextlib.suppress(PlaywrightTimeout):  # no label at this point: try the next one
+                page.wait_for_selector(".js-plotly-plot .hovertext", timeout=2_000)
+                return page.locator(".js-plotly-plot .hovertext").first.text_content() or ""
+    return ""
+
+
+#: a vertex's hover: its hemisphere, fsaverage5 id and the pattern's value (3 significant digits, NaN = no value)
+HOVER = re.compile(r"(left|right) \d+: weight ([-\u2212]?\d[\d.]*(e[+-]?\d+)?|NaN)")
+
+
 def test_roi_designer_surface_and_flat_map_with_roi_outlines(page, server):
     """A fixture subject (the tiny world's subject 1, read through NSD-format transform files and surface labels)
     on the inflated surface and on the flat map, with the outlines of V1 and faces: a screenshot of each chart."""
@@ -186,6 +205,8 @@ def test_roi_designer_surface_and_flat_map_with_roi_outlines(page, server):
     assert_surfaces(page, 1)
     assert_clean(page)
     assert {"left", "right", "V1", "faces"} <= set(_plot_traces(page))
+    label = _hover_label(page)  # the values on hover, from the figure's binary customdata
+    assert HOVER.fullmatch(label.strip()), label
     page.locator(".js-plotly-plot").first.screenshot(path=str(screenshot_dir() / "surface_subject1_V1_faces.png"))
     page.get_by_text("flat map", exact=True).click()
     page.wait_for_function("document.querySelector('.js-plotly-plot')?._fullLayout?.scene?.camera?.projection?.type"
@@ -194,6 +215,8 @@ def test_roi_designer_surface_and_flat_map_with_roi_outlines(page, server):
     assert_surfaces(page, 1)
     assert_clean(page)
     assert {"left", "right", "V1", "faces"} <= set(_plot_traces(page))
+    label = _hover_label(page)
+    assert HOVER.fullmatch(label.strip()), label
     page.locator(".js-plotly-plot").first.screenshot(path=str(screenshot_dir() / "flatmap_subject1_V1_faces.png"))
 
 

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from scipy.spatial.distance import correlation as scipy_correlation
 
+from brain_diffuser_core import feature_networks
 from brain_diffuser_core import metrics as M
 
 
@@ -180,7 +181,7 @@ class _FakeResNet(torch.nn.Module):
 def test_swav_weights_are_checked_key_by_key(monkeypatch, tmp_path):
     import types
 
-    monkeypatch.setattr(M, "_torchvision", lambda name: types.SimpleNamespace(resnet50=_FakeResNet))
+    monkeypatch.setattr(feature_networks, "_torchvision", lambda name: types.SimpleNamespace(resnet50=_FakeResNet))
     good = {f"module.{k}": v for k, v in _FakeResNet().state_dict().items() if not k.startswith("fc.")}
     good["module.projection_head.0.weight"] = torch.zeros(2, 4)  # SwAV's own heads are dropped
     good["module.prototypes.weight"] = torch.zeros(3, 2)
@@ -264,7 +265,8 @@ class _MeanColour:
 
 @pytest.fixture
 def clean_registry(monkeypatch):
-    monkeypatch.setattr(M, "_REGISTRY", dict(M._REGISTRY))
+    # the registry lives in feature_networks (metrics re-exports its functions)
+    monkeypatch.setattr(feature_networks, "_REGISTRY", dict(feature_networks._REGISTRY))
 
 
 def test_registry_lists_and_errors_name_what_exists(clean_registry):

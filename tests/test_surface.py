@@ -87,6 +87,20 @@ def _meshes(fig):
     return {t.name: t for t in fig.data if t.type == "mesh3d" and t.name in ("left", "right")}
 
 
+def _hover(trace) -> list[str]:
+    """The hover line of each vertex of a mesh trace, as plotly.js writes it from the trace's hovertemplate and
+    customdata ([vertex id, value]): a naive re-implementation of the two placeholders it uses."""
+    template = trace.hovertemplate
+    assert template.endswith("<extra></extra>") and "%{customdata[0]}" in template, template
+    head, tail = template.removesuffix("<extra></extra>").split("%{customdata[1]:.3~g}")
+    out = []
+    for vertex, value in np.asarray(trace.customdata, np.float64):
+        assert vertex == int(vertex)
+        shown = "NaN" if np.isnan(value) else f"{value:.3g}"  # d3's ".3~g": 3 significant digits, no trailing 0
+        out.append(head.replace("%{customdata[0]}", str(int(vertex))) + shown + tail)
+    return out
+
+
 def test_crop_mesh_against_a_naive_loop(rng):
     coords = rng.normal(size=(60, 3))
     faces = np.array([rng.choice(60, 3, replace=False) for _ in range(150)])
@@ -143,6 +157,11 @@ def test_surface_figure_puts_the_values_on_their_vertices(rng):
         assert np.isin(pos[hemi], ids).all() and np.isin(neg[hemi], ids).all()
         faces = np.stack([trace.i, trace.j, trace.k], axis=1)
         assert faces.min() >= 0 and faces.max() < len(ids)
+        # the hover data: each vertex's own id and value, binary (no per-vertex hover strings)
+        hover = np.asarray(trace.customdata)
+        assert hover.dtype == np.float32 and trace.text is None
+        np.testing.assert_array_equal(hover[:, 0], ids)
+        np.testing.assert_array_equal(hover[:, 1], maps[hemi][ids])
         colours = {int(v): _rgb(c) for v, c in zip(ids, trace.vertexcolor)}
         for v in pos[hemi]:
             r, g, b = colours[int(v)]
@@ -227,12 +246,12 @@ def test_surface_figure_no_value_vertices_show_the_background_and_say_so_on_hove
     values[posterior[:30]] = 1.5
     trace = _meshes(surface.surface_figure({"left": values}, value_label="weight"))["left"]
     ids, _ = _placement(trace, np.asarray(mesh.parts["left"].coordinates))
-    text = dict(zip(ids.tolist(), trace.text))
+    text = dict(zip(ids.tolist(), _hover(trace)))
     colours = dict(zip(ids.tolist(), trace.vertexcolor))
     assert text[int(posterior[0])] == f"left {int(posterior[0])}: weight 1.5"
     assert _rgb(colours[int(posterior[0])])[0] > _rgb(colours[int(posterior[0])])[2] + 60  # red
     empty = int(posterior[100])
-    assert text[empty] == f"left {empty}: no value (coverage < 0.5)"
+    assert text[empty] == f"left {empty}: weight NaN"  # no value (coverage < 0.5)
     assert len(set(_rgb(colours[empty]))) == 1  # grey background, not a colour of the scale
     # all NaN: still a figure (the sulcal background only)
     assert _meshes(surface.surface_figure({"left": np.full(n, np.nan, np.float32)}))["left"].vertexcolor
@@ -266,7 +285,7 @@ def test_flat_figure_lays_the_visual_cortex_flat_with_outlines():
     shift = np.asarray(meshes["left"].x) - coords[expected, 0]
     np.testing.assert_allclose(shift, shift[0], atol=1e-3)
     where = int(np.flatnonzero(expected == target)[0])
-    assert meshes["left"].text[where] == f"left {target}: value -1"
+    assert _hover(meshes["left"])[where] == f"left {target}: value -1"
     r, g, b = _rgb(meshes["left"].vertexcolor[where])
     assert b > r + 60  # blue: negative
     (outline,) = [t for t in fig.data if t.type == "scatter3d"]

@@ -43,8 +43,12 @@ def test_surface_then_flat_map_with_outlines_and_hover_values(app):
     traces = _traces(chart)
     assert [t.get("name") for t in traces if t["type"] == "mesh3d"][:2] == ["left", "right"]
     assert any(t["type"] == "scatter3d" and t["name"] == "V1" for t in traces)  # the default pattern's ROI
-    texts = [s for t in traces if t.get("name") == "left" for s in t["text"]]
-    assert any(": weight 1" in s for s in texts) and any("no value (coverage < 0.5)" in s for s in texts)
+    (left,) = [t for t in traces if t.get("name") == "left"]
+    assert left["hovertemplate"] == "left %{customdata[0]}: weight %{customdata[1]:.3~g}<extra></extra>"
+    hover = _array(left["customdata"]).reshape(-1, 2)  # [vertex id, value] per vertex, float32
+    assert len(hover) == len(_array(left["x"])) and set(np.unique(hover[:, 0])) <= set(range(10242))
+    values = hover[:, 1]
+    assert np.any(values == 1) and np.any(np.isnan(values))  # the ROI's weight 1, and vertices with no value
     app.radio(key="roi_view").set_value("flat map").run()
     assert not app_errors(app), app_errors(app)
     (chart,) = app.get("plotly_chart")

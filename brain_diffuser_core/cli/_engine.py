@@ -98,6 +98,18 @@ def add_stage_arguments(p: argparse.ArgumentParser, stage1_help: str = "skip sta
     p.add_argument("--stage1-only", action="store_true", help=stage1_help)
 
 
+def add_mode_arguments(p: argparse.ArgumentParser, paper_extras: str = "") -> None:
+    """``--rescale`` and ``--paper``, the mode switches `reconstruct` and `evaluate` share; ``paper_extras``
+    (", ...") names what else ``--paper`` changes in that command."""
+    p.add_argument("--rescale", default=None, choices=("train", "paper", "none"),
+                   help="prediction rescaling: train = leave-one-out train statistics (default; no test peeking); "
+                        "paper = z-score across the whole test set as the original (default with --paper); none")
+    p.add_argument("--paper", action="store_true",
+                   help="reproduce the original scripts step for step (test-set z-score, start noise t=741, grey "
+                        f"127, truncated final images, sampled stage-1 pixels{paper_extras}; README 'Where this "
+                        "differs'); default: the project's improvements")
+
+
 def stage_overrides(args: argparse.Namespace) -> dict:
     """The stage settings of :func:`add_stage_arguments` as BrainDiffuser overrides."""
     return dict(num_inference_steps=args.steps, strength=args.strength, guidance_scale=args.guidance,

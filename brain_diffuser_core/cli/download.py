@@ -44,55 +44,68 @@ Sizes (subject 1, paper setup, .nii.gz betas): about 23 GB with the stimulus sub
 """
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=int, default=4, metavar="N", help="files (or image ranges) fetched at once (default 4)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (files, sizes, free space) and stop")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--retries", type=int, default=8, metavar="N",
-                   help="consecutive failures of one file before giving up (default 8; back-off doubles from 0.5 s)")
+# each subcommand's options as (flags, add_argument keywords), in --help order
+#: the transfer options `nsd` and `weights` share
+_TRANSFER_OPTIONS = (
+    (("--jobs",), dict(type=int, default=4, metavar="N", help="files (or image ranges) fetched at once (default 4)")),
+    (("--dry-run",), dict(action="store_true", help="print the plan (files, sizes, free space) and stop")),
+    (("--no-progress",), dict(action="store_true", help="hide the progress bars")),
+    (("--retries",), dict(type=int, default=8, metavar="N",
+                          help="consecutive failures of one file before giving up (default 8; back-off doubles from "
+                               "0.5 s)")),
+)
+_NSD_OPTIONS = (
+    (("--subject",), dict(required=True, type=int, metavar="N", help="subject 1..8 (the paper: 1, 2, 5, 7)")),
+    (("--out",), dict(required=True, metavar="ROOT", help="NSD root folder to fill (created if needed)")),
+    (("--sessions",), dict(default=None, metavar="LIST",
+                           help="sessions, e.g. '1-37' or '1,3,5-7' (default 1-37, the paper's; fewer where the "
+                                "subject has fewer)")),
+    (("--betas",), dict(default="nii.gz", choices=("nii.gz", "hdf5"),
+                        help="betas format: nii.gz (~0.47 GB a session) or hdf5 (~1 GB, faster to read; default "
+                             "nii.gz)")),
+    (("--stimuli",), dict(default="subset", choices=("subset", "full", "none"),
+                          help="subset: only the images the chosen sessions showed, by exact Range reads (default); "
+                               "full: the whole 39.6 GB file; none")),
+    (("--captions",), dict(default="coco", choices=("coco", "none"),
+                           help="coco: COCO 2017 annotations zip (241 MB) and its two caption JSONs (default); none")),
+    (("--s3-endpoint",), dict(default=None, metavar="URL", help="S3 endpoint (mirrors, tests; default AWS)")),
+    (("--coco-url",), dict(default=None, metavar="URL", help="where the COCO annotations zip comes from")),
+    (("--accept-nsd-terms",), dict(action="store_true", help="accept the NSD terms of use (printed)")),
+) + _TRANSFER_OPTIONS
+_WEIGHTS_OPTIONS = (
+    (("--out",), dict(required=True, metavar="DIR", help="folder for vdvae/ and versatile-diffusion/")),
+    (("--hf-endpoint",), dict(default=None, metavar="URL", help="Hugging Face hub endpoint (mirrors, tests)")),
+    (("--vdvae-url",), dict(default=None, metavar="URL", help="where the VDVAE checkpoint comes from")),
+    (("--vdvae-sha256",), dict(default=None, metavar="HEX", help="a trusted sha256 of the VDVAE file to check")),
+) + _TRANSFER_OPTIONS
+_VERIFY_OPTIONS = (
+    (("--root",), dict(required=True, metavar="ROOT", help="a folder filled by download nsd or weights")),
+    (("--no-progress",), dict(action="store_true", help="hide the progress bar")),
+)
+
+
+def _subcommand(sub, name: str, options, func, **parser_kwargs) -> argparse.ArgumentParser:
+    """One `download` subcommand: its parser (``parser_kwargs``: help, description, ...), ``options`` (a table
+    of (flags, add_argument keywords)) and the function it runs."""
+    p = sub.add_parser(name, **parser_kwargs)
+    for flags, kwargs in options:
+        p.add_argument(*flags, **kwargs)
+    p.set_defaults(func=func)
+    return p
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("download", help=HELP, description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", metavar="WHAT")
-
-    nsd = sub.add_parser("nsd", help="one subject's NSD files", description=NSD_DESCRIPTION,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    nsd.add_argument("--subject", required=True, type=int, metavar="N", help="subject 1..8 (the paper: 1, 2, 5, 7)")
-    nsd.add_argument("--out", required=True, metavar="ROOT", help="NSD root folder to fill (created if needed)")
-    nsd.add_argument("--sessions", default=None, metavar="LIST",
-                     help="sessions, e.g. '1-37' or '1,3,5-7' (default 1-37, the paper's; fewer where the subject "
-                          "has fewer)")
-    nsd.add_argument("--betas", default="nii.gz", choices=("nii.gz", "hdf5"),
-                     help="betas format: nii.gz (~0.47 GB a session) or hdf5 (~1 GB, faster to read; default nii.gz)")
-    nsd.add_argument("--stimuli", default="subset", choices=("subset", "full", "none"),
-                     help="subset: only the images the chosen sessions showed, by exact Range reads (default); "
-                          "full: the whole 39.6 GB file; none")
-    nsd.add_argument("--captions", default="coco", choices=("coco", "none"),
-                     help="coco: COCO 2017 annotations zip (241 MB) and its two caption JSONs (default); none")
-    nsd.add_argument("--s3-endpoint", default=None, metavar="URL", help="S3 endpoint (mirrors, tests; default AWS)")
-    nsd.add_argument("--coco-url", default=None, metavar="URL", help="where the COCO annotations zip comes from")
-    nsd.add_argument("--accept-nsd-terms", action="store_true", help="accept the NSD terms of use (printed)")
-    _add_common(nsd)
-    nsd.set_defaults(func=run_nsd)
-
-    w = sub.add_parser("weights", help="VDVAE + Versatile Diffusion, and models.json",
-                       description="Download the VDVAE checkpoint (OpenAI) and Versatile Diffusion's diffusers "
-                                   "components at a pinned revision; write DIR/models.json for `fit`.")
-    w.add_argument("--out", required=True, metavar="DIR", help="folder for vdvae/ and versatile-diffusion/")
-    w.add_argument("--hf-endpoint", default=None, metavar="URL", help="Hugging Face hub endpoint (mirrors, tests)")
-    w.add_argument("--vdvae-url", default=None, metavar="URL", help="where the VDVAE checkpoint comes from")
-    w.add_argument("--vdvae-sha256", default=None, metavar="HEX", help="a trusted sha256 of the VDVAE file to check")
-    _add_common(w)
-    w.set_defaults(func=run_weights)
-
-    v = sub.add_parser("verify", help="check a downloaded folder offline against its manifest",
-                       description="Offline: every file in ROOT/download-manifest.json must exist with its size and "
-                                   "sha256. Names what is missing or changed; exit 5 when anything is.")
-    v.add_argument("--root", required=True, metavar="ROOT", help="a folder filled by download nsd or weights")
-    v.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    v.set_defaults(func=run_verify)
+    _subcommand(sub, "nsd", _NSD_OPTIONS, run_nsd, help="one subject's NSD files", description=NSD_DESCRIPTION,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _subcommand(sub, "weights", _WEIGHTS_OPTIONS, run_weights, help="VDVAE + Versatile Diffusion, and models.json",
+                description="Download the VDVAE checkpoint (OpenAI) and Versatile Diffusion's diffusers components "
+                            "at a pinned revision; write DIR/models.json for `fit`.")
+    _subcommand(sub, "verify", _VERIFY_OPTIONS, run_verify, help="check a downloaded folder offline against its manifest",
+                description="Offline: every file in ROOT/download-manifest.json must exist with its size and "
+                            "sha256. Names what is missing or changed; exit 5 when anything is.")
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
     return parser
 

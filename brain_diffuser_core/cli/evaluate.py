@@ -30,6 +30,7 @@ examples:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..evaluation import VARIANTS
+    from ._engine import add_mode_arguments
 
     p = subparsers.add_parser("evaluate", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,13 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"comma subset of {','.join(VARIANTS)} (default: all)")
     p.add_argument("--networks", default="clip,efficientnet_lite0", metavar="LIST",
                    help="feature networks for the high-level columns (default: clip,efficientnet_lite0)")
-    p.add_argument("--rescale", default=None, choices=("train", "paper", "none"),
-                   help="prediction rescaling (default train, or paper with --paper; 'paper' reproduces the "
-                        "original's test-set z-score)")
-    p.add_argument("--paper", action="store_true",
-                   help="reproduce the original scripts step for step (test-set z-score, start noise t=741, grey "
-                        "127, truncated images, 224 px bilinear network inputs, the published column-wise SSIM; "
-                        "README 'Where this differs'); default: the project's improvements")
+    add_mode_arguments(p, paper_extras=", 224 px bilinear network inputs, the published column-wise SSIM")
     p.add_argument("--pixel-size", type=int, default=None, help="side for PixCorr/SSIM (default: stimulus size)")
     p.add_argument("--batch-size", type=int, default=4, metavar="B",
                    help="images per generation batch (4; keep --shard-size a multiple of it for the "

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import PAPER
-from ._engine import (ENGINE_HELP, add_engine_arguments, add_stage_arguments, run_batch, stage_overrides,
-                      worker_threads)
+from ._engine import (ENGINE_HELP, add_engine_arguments, add_mode_arguments, add_stage_arguments, run_batch,
+                      stage_overrides, worker_threads)
 
 HELP = "reconstruct test images of a subject with a decoder bundle (PNGs + manifest)"
 
@@ -38,13 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="test-set rows (sorted by 73k id), e.g. '0-9', '3,17', or 'all' (default: 0-9)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="trials per generation batch (default 1)")
     p.add_argument("--seed", type=int, default=0, help="base seed (per-image seeds derive from it and the 73k id)")
-    p.add_argument("--rescale", default=None, choices=("train", "paper", "none"),
-                   help="prediction rescaling: train = leave-one-out train statistics (default; no test peeking); "
-                        "paper = z-score across the whole test set as the original (default with --paper); none")
-    p.add_argument("--paper", action="store_true",
-                   help="reproduce the original scripts step for step (test-set z-score, start noise t=741, grey "
-                        "127, truncated final images, sampled stage-1 pixels; README 'Where this differs'); "
-                        "default: the improvements")
+    add_mode_arguments(p)
     add_stage_arguments(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="prepared-arrays cache (as for `prepare`)")
