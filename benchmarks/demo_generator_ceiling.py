@@ -97,6 +97,7 @@ def main() -> None:
 
     rows = {"originals": {"Category": float(judge(truths, ids).mean()),
                           "HF": float(np.mean(hf_energy_fraction(truths)))}}
+    rows["originals through the VAE (encode + decode)"] = score(_vae_round_trip(truths), "VAE round trip")
     t0 = time.perf_counter()
     true_feats = {f: store.get(f, ids).reshape((n,) + diffuser.bundle.feature_shape(f)) for f in FEATURE_NAMES}
     true_images = _generate(diffuser, true_feats, ids, seeds)
@@ -136,6 +137,21 @@ def main() -> None:
     print(f"full pipeline Category: decoded (subj {subjects[0]}) {100 * base:.1f}% / ceiling {100 * ceil:.1f}%; "
           f"stage-1 HF / originals' HF = {rows['TRUE features (ceiling), stage1']['HF'] / rows['originals']['HF']:.2f} "
           f"(TRUE) and {rows[f'decoded, subj {subjects[0]}, stage1']['HF'] / rows['originals']['HF']:.2f} (decoded)")
+
+
+def _vae_round_trip(images):
+    """uint8 (n, H, W, 3) -> the demo VAE's reconstruction of each (posterior mean), uint8, same shape."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from brain_diffuser_core.world.demo import DEFAULT_MODELS_DIR
+    from brain_diffuser_core.world.train import _resize, to_uint8
+
+    vae = AutoencoderKL.from_pretrained(DEFAULT_MODELS_DIR / "versatile-diffusion", subfolder="vae").eval()
+    x = _resize(images, int(vae.config.sample_size))
+    with torch.no_grad():
+        return np.concatenate([to_uint8(vae.decode(vae.encode(x[s:s + 32]).latent_dist.mean).sample)
+                               for s in range(0, len(x), 32)])
 
 
 def _write_sheet(path, truths, decoded, true_full, subject, n=16, per_row=4):
