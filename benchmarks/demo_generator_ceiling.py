@@ -5,7 +5,7 @@ of the same images, scored in one run by:
 * ``Category``: the independent judge (ImageNet EfficientNet-Lite0 + a linear probe fitted on fresh world
   scenes, :mod:`brain_diffuser_core.world.judge`): the reconstruction shows its original's category;
 * ``CLIP``: 2-way identification with the demo's own CLIP; PixCorr and SSIM at the world's 64 px;
-* ``HF``: the high-frequency energy fraction (:func:`brain_diffuser_core.world.validate.hf_energy_fraction`),
+* ``HF``: the high-frequency energy fraction (:func:`brain_diffuser_core.world.measures.hf_energy_fraction`),
   printed for the originals too (stage 1 should stay within 1.5x of theirs).
 
     python benchmarks/demo_generator_ceiling.py [--subjects 1,2,5,7] [--n 120] [--threads 1] [--cache-dir DIR]
@@ -62,7 +62,7 @@ def main() -> None:
     from brain_diffuser_core.seeding import seed_for
     from brain_diffuser_core.world.build import ensure_world
     from brain_diffuser_core.world.demo import ensure_demo_bundle
-    from brain_diffuser_core.world.validate import hf_energy_fraction
+    from brain_diffuser_core.world.measures import hf_energy_fraction
 
     cache = cache_root() if args.cache_dir is None else args.cache_dir
     bundle = ensure_demo_bundle(cache)

@@ -18,7 +18,6 @@ z-scoring, start noise at t=741, unconditional grey 127, truncated final images,
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 

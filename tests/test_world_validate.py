@@ -1,4 +1,5 @@
-"""In-silico validation of ROI-optimal scenes (world/validate.py, `world validate`)."""
+"""In-silico validation of ROI-optimal scenes (world/validate.py and its measures / validate_judges /
+validate_report modules, `world validate`)."""
 from __future__ import annotations
 
 import csv
@@ -9,9 +10,9 @@ import numpy as np
 import pytest
 
 from brain_diffuser_core.world.scenes import FIELD_DEG, generate_scene, generate_scenes, scene_seed
-from brain_diffuser_core.world.validate import (ClipJudge, DecodedCategoryCheck, ObserverJudge, ValidationReport,
-                                                colourfulness, contrast_centroid_deg, hf_energy_fraction,
-                                                to_world_size)
+from brain_diffuser_core.world.measures import colourfulness, contrast_centroid_deg, hf_energy_fraction, to_world_size
+from brain_diffuser_core.world.validate_judges import ClipJudge, DecodedCategoryCheck, ObserverJudge
+from brain_diffuser_core.world.validate_report import ValidationReport
 
 
 # --------------------------------------------------------------------------------------- image measures
@@ -244,7 +245,7 @@ def test_cli_validate_end_to_end_writes_the_report(small_bundle, tmp_path, capsy
     from brain_diffuser_core.features.clip import ClipFeatureExtractor
     from brain_diffuser_core.nsd import load_subject
     from brain_diffuser_core.pipeline import BrainDiffuser
-    from brain_diffuser_core.world.validate import world_calibration_scenes
+    from brain_diffuser_core.world.validate_judges import world_calibration_scenes
 
     clip = ClipFeatureExtractor.from_pretrained(load_bundle(bundle).models["versatile_diffusion"]["path"])
     scenes = world_calibration_scenes(root, 48)
@@ -305,7 +306,7 @@ def test_decoder_check_is_na_when_the_bundle_clip_does_not_load(small_bundle, mo
 
 
 def test_world_calibration_scenes_are_the_worlds_train_images(small_bundle):
-    from brain_diffuser_core.world.validate import world_calibration_scenes
+    from brain_diffuser_core.world.validate_judges import world_calibration_scenes
 
     root = small_bundle[0]
     scenes = world_calibration_scenes(root, 24)
@@ -321,7 +322,7 @@ def test_world_calibration_scenes_are_the_worlds_train_images(small_bundle):
 
 
 def test_differential_contrast_centroid_moves_with_the_added_ring_not_the_shared_noise(rng):
-    from brain_diffuser_core.world.validate import contrast_centroid_deg, differential_contrast_centroids
+    from brain_diffuser_core.world.measures import differential_contrast_centroids
 
     h = 64
     yy, xx = np.mgrid[:h, :h]
@@ -342,3 +343,15 @@ def test_differential_contrast_centroid_moves_with_the_added_ring_not_the_shared
     assert plain[-1] - plain[0] < 0.5 * (diff[-1] - diff[0])
     with pytest.raises(ValueError, match=">= 2 bands"):
         differential_contrast_centroids({"b0": bands["b0"]})
+
+
+# --------------------------------------------------------------------------------------- module layout
+def test_validate_re_exports_the_public_names_of_its_sibling_modules_unchanged():
+    """Old imports (``from brain_diffuser_core.world.validate import X``) keep giving the very same objects."""
+    from brain_diffuser_core.world import measures, validate, validate_judges, validate_report
+
+    for home in (measures, validate_judges, validate_report):
+        for name in home.__all__:
+            assert name in validate.__all__, name
+            assert getattr(validate, name) is getattr(home, name), name
+    assert all(hasattr(validate, name) for name in validate.__all__)
