@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -85,8 +87,12 @@ LAYERS: tuple[str, ...] = ("layerB1", "layerB2", "layerB3")
 FSAVERAGE_N_VERTICES = 163842
 #: NSD's marker of a vertex without valid func1pt8mm coordinates
 INVALID_COORD = 9999.0
-#: gzip level for NIfTI writers (nibabel's default is also 1: fast, files stay compact)
+#: gzip level and deflate strategy of the NIfTI writers. Level 1 (nibabel's default too) with run-length
+#: matches only (``Z_RLE``) is ordinary gzip that every reader inflates to the same bytes; on a MiniNSD betas
+#: session (26 MB of int16, 78 % zeros outside the brain, the rest noise-like) it took 0.12 s and gave 5.7 MB,
+#: against 0.21 s and 6.4 MB for level 1's default strategy (one CPU core)
 _GZIP_LEVEL = 1
+_GZIP_STRATEGY = zlib.Z_RLE
 
 
 def subject_dir_name(subject: int) -> str:
@@ -283,18 +289,21 @@ def _write_nifti_gz(path: Path, data: np.ndarray, affine, dtype) -> Path:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"'affine' must have shape (4, 4); {affine.shape} was provided")
-    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    # NIfTI stores x fastest (Fortran order): an F-ordered array is written without a per-chunk transpose
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype, order="F"), affine)
     img.header.set_data_dtype(dtype)
     img.header.set_xyzt_units("mm", "sec")
     path = Path(path)
     if not path.name.endswith(".nii.gz"):
         raise ValueError(f"NIfTI path must end with '.nii.gz'; {path.name!r} was provided")
+    buf = io.BytesIO()
+    img.to_stream(buf)
+    # wbits 31: a gzip member (no name, mtime 0), so the same array always gives the same bytes
+    deflate = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31, 8, _GZIP_STRATEGY)
     with atomic_path(path) as tmp:
-        # no name, mtime=0: the same array always gives the same bytes (and the temporary name is not stored)
-        with open(tmp, "wb") as raw, gzip.GzipFile(
-            filename="", fileobj=raw, mode="wb", compresslevel=_GZIP_LEVEL, mtime=0
-        ) as gz:
-            img.to_stream(gz)
+        with open(tmp, "wb") as raw:
+            raw.write(deflate.compress(buf.getbuffer()))
+            raw.write(deflate.flush())
     return path
 
 

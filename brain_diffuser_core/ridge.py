@@ -53,8 +53,9 @@ Prediction rescaling (``RidgeDecoder.predict(X, rescale=...)``; plain ridge, ``"
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -268,6 +269,22 @@ class RidgeFactorisation:
     U: Any = None
     Xc: Any = None
     K: Any = None
+    #: {(alpha, rows key, need_projector): (H, h_rows, H_rows)} while :meth:`reusing_operators` is active
+    _operators: dict | None = field(default=None, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def reusing_operators(self):
+        """Within the block, :meth:`alpha_operators` computes each (alpha, rows) once and returns the same
+        arrays again (e.g. several features fitted with one alpha; the results are identical, the O(p n^2)
+        projector is built once). The cache holds about 4 * (p n + m n) bytes per alpha and is dropped on exit."""
+        outer = self._operators
+        if outer is None:
+            self._operators = {}
+        try:
+            yield self
+        finally:
+            if outer is None:
+                self._operators = None
 
     @property
     def method(self) -> str:
@@ -299,6 +316,15 @@ class RidgeFactorisation:
         h_rows : (m,) ``1 / (1 - hat_ii)`` for the leave-one-out rows (None if ``rows`` is None);
         H_rows : (m, n) those rows of the centred hat matrix ``K (K + alpha I)^-1`` (None likewise).
         """
+        if self._operators is not None:
+            key = (float(alpha), None if rows is None else np.asarray(rows, np.int64).tobytes(), bool(need_projector))
+            hit = self._operators.get(key)
+            if hit is None:
+                hit = self._operators[key] = self._alpha_operators(alpha, rows, need_projector)
+            return hit
+        return self._alpha_operators(alpha, rows, need_projector)
+
+    def _alpha_operators(self, alpha: float, rows: np.ndarray | None, need_projector: bool):
         ops, n = self.ops, self.n_samples
         if self.method == "eigh":
             inv = 1.0 / (self.lam + alpha)

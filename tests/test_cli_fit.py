@@ -2,6 +2,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from brain_diffuser_core.__main__ import main
 from brain_diffuser_core.bundle import load_bundle
@@ -115,3 +116,31 @@ def test_adding_a_subject_keeps_the_others(rng, tmp_path):
     assert b.subjects == [1, 2] and b.feature_shape("vdvae") == (4,)
     assert b.decoder(1, "vdvae").n_features == 12 and b.decoder(2, "vdvae").n_features == 9
     assert b.subject_info(1)["mask_sha256"] == "m1" and b.subject_info(2)["n_train"] == 25
+
+
+def test_shared_alpha_and_a_given_factorisation_give_the_same_decoders(rng, monkeypatch):
+    """fit_decoders builds an alpha's projector once for the features sharing it, and reuses a factorisation it
+    is given: the decoders' tensors must be bit-for-bit those of separate fit_ridge calls on a fresh one."""
+    from brain_diffuser_core.ridge import RidgeFactorisation
+
+    X = rng.standard_normal((40, 70)).astype(np.float32)
+    feats = {"vdvae": rng.standard_normal((40, 9)), "clip_text": rng.standard_normal((40, 2, 5)),
+             "clip_vision": rng.standard_normal((40, 3, 2))}
+    alphas = {"vdvae": 30.0, "clip_text": 30.0, "clip_vision": 5.0}
+    built = []
+    real = RidgeFactorisation._alpha_operators
+    monkeypatch.setattr(RidgeFactorisation, "_alpha_operators",
+                        lambda self, a, rows, need: built.append(a) or real(self, a, rows, need))
+    fact = factorise(X, backend="torch")
+    decs, _, _ = fit_decoders(X, feats, alphas=alphas, backend="torch", loo_stats=12, n_targets_batch=4,
+                              factorisation=fact)
+    assert sorted(built) == [5.0, 30.0]  # one projector per distinct alpha
+    assert fact._operators is None  # the cache is dropped afterwards
+    for name, val in feats.items():
+        ref = fit_ridge(factorise(X, backend="torch"), val.reshape(40, -1), alphas[name], backend="torch",
+                        loo_stats=12, n_targets_batch=4)
+        assert set(decs[name].tensors) == set(ref.tensors)
+        for k, t in ref.tensors.items():
+            assert torch.equal(decs[name].tensors[k], t), (name, k)
+    with pytest.raises(ValueError, match="factorisation"):
+        fit_decoders(X[:, :60], feats, alphas=alphas, backend="torch", factorisation=fact)

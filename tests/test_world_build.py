@@ -1,4 +1,5 @@
 """MiniNSD world builder: an NSD tree that load_subject reads unchanged, with the observer's ground truth."""
+import gzip
 import json
 import shutil
 
@@ -95,6 +96,54 @@ def test_betas_are_the_observer_responses_times_300(world, scenes):
     gen = np.asanyarray(nib.load(paths.nsdgeneral).dataobj)
     assert set(np.unique(gen)) == {-1, 0, 1} and (gen == 1).sum() == obs.n_voxels
     assert not betas[gen != 1].any()
+
+
+def test_sessions_hold_exactly_the_per_trial_recipe_and_nibabels_bytes(world, subjects, scenes):
+    """The build computes noise-free responses once per image and writes F-ordered volumes with its own gzip
+    stream; the files must still decode to exactly what the per-trial recipe (``obs.responses`` of each
+    trial's image with its seed, x 300, rounded to int16) gives, as the bytes nibabel writes for that array."""
+    from brain_diffuser_core.world.observer import scene_features
+
+    info, _ = world
+    feats = scene_features(scenes)
+    for s in (1, 2):
+        paths = NSDPaths(info.root, s)
+        mat = scipy.io.loadmat(paths.expdesign)
+        obs = Observer(s)
+        i, j, k = obs.voxel_ijk.T
+        for session in range(1, info.n_sessions + 1):
+            trials = np.arange((session - 1) * 750, session * 750)
+            ids = mat["subjectim"][s - 1, mat["masterordering"][0, trials] - 1] - 1
+            assert len(np.unique(ids)) < len(ids)  # images repeat within the session
+            resp = obs.responses(feats[ids], seeds=[seed_for("trial", s, int(t)) for t in trials])
+            want = np.zeros((36, 24, 20, 750), np.int16)
+            want[i, j, k, :] = np.clip(np.rint(resp * 300), -32768, 32767).astype(np.int16).T
+            raw = paths.betas_nifti(session).read_bytes()
+            assert raw[:2] == b"\x1f\x8b"  # a gzip member, as NSD's .nii.gz
+            img = nib.Nifti1Image(want, nib.load(paths.betas_nifti(session)).affine)
+            img.header.set_data_dtype(np.int16)
+            img.header.set_xyzt_units("mm", "sec")
+            assert gzip.decompress(raw) == img.to_bytes()
+            assert np.array_equal(np.asanyarray(nib.load(paths.betas_nifti(session)).dataobj), want)
+    for i in range(N_IMAGES):  # the stimuli too
+        assert np.array_equal(subjects[1].image(i), scenes[i].image)
+
+
+def test_observer_add_noise_is_responses_split_in_two():
+    obs = Observer(5)
+    scenes_ = generate_scenes(20, seed=3)
+    from brain_diffuser_core.world.observer import scene_features
+
+    feats = scene_features(scenes_)
+    ids = np.array([0, 3, 3, 19, 0, 7])
+    seeds = [seed_for("trial", 5, t) for t in range(len(ids))]
+    mean = obs.responses(feats, noise=False)
+    got = obs.add_noise(mean[ids], seeds=seeds)
+    assert got.dtype == np.float32 and got.shape == (6, obs.n_voxels)
+    assert np.array_equal(got, obs.responses(feats[ids], seeds=seeds))
+    assert not np.array_equal(got[1], got[2])  # the same image, two trials: different noise
+    with pytest.raises(ValueError, match="float32"):
+        obs.add_noise(mean.astype(np.float64), seeds=seeds[:1])
 
 
 def test_rois_and_ground_truth_line_up_with_the_subject(world, subjects):

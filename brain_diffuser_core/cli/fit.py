@@ -17,6 +17,7 @@ settings into an unfinished work folder are refused); the bundle is written when
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def fit_decoders(
     loo_stats: bool | int = True,
     n_targets_batch: int = 4096,
     progress: bool = False,
+    factorisation=None,
 ) -> tuple[dict, dict[str, float], dict[str, tuple[int, ...]]]:
     """Fit one ridge decoder per feature from ``train_fmri`` (n, n_voxels) sharing one factorisation.
 
@@ -76,8 +78,12 @@ def fit_decoders(
     pairs as built by :func:`fit_subject_bundle` for streamed store reads. Alphas default to
     ``PAPER.ridge_alpha(name)``. Returns ``(decoders, train_feature_norms, shapes)``: the mean Euclidean
     norm of a training sample's feature vector per feature, and each feature's per-image shape.
+
+    ``factorisation``: a :class:`~brain_diffuser_core.ridge.RidgeFactorisation` of this ``train_fmri`` (as
+    ``factorise(train_fmri, backend=backend)`` returns it, e.g. the one an alpha search already made) to reuse
+    instead of factorising again; the decoders are then the same. Features sharing an alpha share its projector.
     """
-    from ..ridge import factorise, fit_ridge
+    from ..ridge import factorise
 
     X = np.asarray(train_fmri, dtype=np.float32)
     if X.ndim != 2:
@@ -90,7 +96,21 @@ def fit_decoders(
         else:
             sources.update(_sources_from_arrays({name: val}, n))
     alphas = {name: float((alphas or {}).get(name) or PAPER.ridge_alpha(name)) for name in sources}
-    fact = factorise(X, backend=backend)
+    if factorisation is None:
+        fact = factorise(X, backend=backend)
+    else:
+        fact = factorisation
+        if (fact.n_samples, fact.n_features) != X.shape:
+            raise ValueError(f"'factorisation' is of a ({fact.n_samples}, {fact.n_features}) X; 'train_fmri' has "
+                             f"shape {X.shape}")
+    # the projector of an alpha is O(p n^2): build it once when several features use that alpha
+    with fact.reusing_operators() if len(set(alphas.values())) < len(alphas) else contextlib.nullcontext():
+        return _fit_sources(fact, sources, alphas, n, rank, dtype, loo_stats, n_targets_batch, progress)
+
+
+def _fit_sources(fact, sources: dict, alphas: dict, n: int, rank, dtype, loo_stats, n_targets_batch, progress):
+    from ..ridge import fit_ridge
+
     decoders, norms, shapes = {}, {}, {}
     for name, (shape, src) in sources.items():
         sq = np.zeros(n, dtype=np.float64)
@@ -156,10 +176,11 @@ def fit_subject_bundle(
     loo_stats: bool | int = True,
     n_targets_batch: int = 4096,
     progress: bool = False,
+    factorisation=None,
 ) -> Path:
     """Fit ``feature_names`` for a loaded subject (an ``nsd.Subject`` or anything with ``subject``,
     ``train_fmri``, ``train_image_ids``, ``n_voxels``, ``mask_sha256``) from a FeatureStore; write or update
-    the bundle at ``out``. Returns the bundle path."""
+    the bundle at ``out``. Returns the bundle path. ``factorisation``: see :func:`fit_decoders`."""
     from ..bundle import SubjectDecoders, load_bundle, save_bundle
 
     subj = int(subject_obj.subject)
@@ -167,7 +188,7 @@ def fit_subject_bundle(
     sources = _store_sources(store, feature_names, ids)
     decoders, norms, shapes = fit_decoders(
         subject_obj.train_fmri, sources, alphas=alphas, rank=rank, dtype=dtype, backend=backend,
-        loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=progress,
+        loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=progress, factorisation=factorisation,
     )
     out = Path(out)
     if (out / "manifest.json").exists():  # save_bundle(update=True) keeps the subject's other decoders

@@ -257,13 +257,16 @@ def _write_subject(root: Path, subject: int, obs, feats: np.ndarray, design: dic
 
     tps = PAPER.nsd.trials_per_session
     mo, subjectim = design["masterordering"], design["subjectim"]
+    # noise-free responses once per image (each is shown several times), the trial noise per trial: the same
+    # numbers as obs.responses(feats[image_ids], seeds=seeds) (tests/test_world_build.py checks it)
+    mean = obs.responses(feats, noise=False)  # (n_images, n_voxels) float32
     for s in range(1, design["n_sessions"] + 1):
         trials = np.arange((s - 1) * tps, s * tps)
         image_ids = subjectim[subject - 1, mo[trials] - 1] - 1
         seeds = [seed_for("trial", subject, int(t), base_seed=p["seed"]) for t in trials]
-        resp = obs.responses(feats[image_ids], seeds=seeds)  # (750, n_voxels) percent signal change
+        resp = obs.add_noise(mean[image_ids], seeds=seeds)  # (750, n_voxels) percent signal change
         scaled = np.clip(np.rint(resp * PAPER.nsd.beta_scale), -32768, 32767).astype(np.int16)
-        betas = np.zeros(tuple(VOLUME_SHAPE) + (tps,), np.int16)
+        betas = np.zeros(tuple(VOLUME_SHAPE) + (tps,), np.int16, order="F")  # NIfTI order: written as is
         betas[i, j, k, :] = scaled.T
         write_betas_nifti(paths.betas_nifti(s), betas, obs.affine)
         tick(f"subj{subject:02d} session {s}")

@@ -390,8 +390,10 @@ def _stamp_matches(old: dict | None, want: dict) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- build
-def _choose_alphas(subject, store) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """One alpha per feature by exact leave-one-out R^2 on ``subject`` (a column sample of each feature)."""
+def _choose_alphas(subject, store) -> tuple[dict[str, float], dict[str, dict[str, float]], object]:
+    """One alpha per feature by exact leave-one-out R^2 on ``subject`` (a column sample of each feature).
+
+    Returns ``(alphas, scores, factorisation)``: the subject's eigh factorisation, which its fit reuses."""
     from ..ridge import choose_alpha, factorise
 
     ids = np.asarray(subject.train_image_ids, np.int64)
@@ -405,7 +407,7 @@ def _choose_alphas(subject, store) -> tuple[dict[str, float], dict[str, dict[str
         best, sc = choose_alpha(fact, y, list(ALPHA_GRID))
         alphas[name] = float(best)
         scores[name] = {f"{a:g}": round(float(s), 5) for a, s in sc.items()}
-    return alphas, scores
+    return alphas, scores, fact
 
 
 def ensure_demo_bundle(
@@ -581,7 +583,7 @@ def _build(bundle_dir: Path, cache: Path, world_root: Path, models_dir: Path, tr
     tick("demo: features extracted")
 
     # 3. Decoders through the fit path, one alpha per feature chosen on the first subject
-    alphas, scores = _choose_alphas(subs[subjects[0]], store)
+    alphas, scores, fact = _choose_alphas(subs[subjects[0]], store)
     flag = TRAINED_KEY if trained else UNTRAINED_KEY
     models = {
         "vdvae": {"path": str(vdvae_path.resolve()), "sha256": _sha256_memo(vdvae_path, cache / CHECKSUMS_FILE)},
@@ -590,8 +592,10 @@ def _build(bundle_dir: Path, cache: Path, world_root: Path, models_dir: Path, tr
     }
     with atomic_dir(bundle_dir) as tmp:
         for s in subjects:
+            # the first subject's factorisation (from the alpha search) is the one fit_decoders would make
             fit_subject_bundle(subs[s], store, tmp, alphas=alphas, models=models, dtype="float16",
-                               backend="auto", loo_stats=_LOO_ROWS)
+                               backend="auto", loo_stats=_LOO_ROWS, factorisation=fact if s == subjects[0] else None)
+            fact = None  # free it (p x n + n x n float32)
             tick(f"demo: subject {s} fitted")
         stamp = dict(want, models_trained=trained, models_dir=str(models_dir.resolve()), world_root=str(world_root),
                      world_params=params, alphas=alphas, alpha_loo_r2=scores,

@@ -582,6 +582,21 @@ class Observer:
         out = t.baseline + (t.gain * t.visibility) * z
         if not noise:
             return out.astype(np.float32)
+        return self.add_noise(out, rng=rng, seeds=seeds)
+
+    def add_noise(self, mean: np.ndarray, rng: np.random.Generator | None = None,
+                  seeds: Iterable[int] | None = None) -> np.ndarray:
+        """Trial responses from noise-free ones: ``responses(f, seeds=s) == add_noise(responses(f, noise=False),
+        seeds=s)``, the same numbers (noise-free responses are per image, so a design that shows each image
+        several times computes them once and indexes them per trial).
+
+        mean : float32 (n, n_voxels), rows of ``responses(..., noise=False)``. rng / seeds as in
+        :meth:`responses` (exactly one). Returns float32 (n, n_voxels).
+        """
+        out = np.asarray(mean)
+        if out.dtype != np.float32 or out.ndim != 2 or out.shape[1] != self.n_voxels:
+            raise ValueError(f"'mean' must be float32 (n, {self.n_voxels}); {out.dtype} {out.shape} was provided")
+        n = out.shape[0]
         if (rng is None) == (seeds is None):
             raise ValueError("with noise=True exactly one of 'rng' or 'seeds' must be given; "
                              f"got rng={'set' if rng is not None else None}, "
