@@ -79,9 +79,11 @@ def fit_decoders(
     ``PAPER.ridge_alpha(name)``. Returns ``(decoders, train_feature_norms, shapes)``: the mean Euclidean
     norm of a training sample's feature vector per feature, and each feature's per-image shape.
 
-    ``factorisation``: a :class:`~brain_diffuser_core.ridge.RidgeFactorisation` of this ``train_fmri`` (as
-    ``factorise(train_fmri, backend=backend)`` returns it, e.g. the one an alpha search already made) to reuse
-    instead of factorising again; the decoders are then the same. Features sharing an alpha share its projector.
+    Without ``factorisation`` X is factorised by the fixed-alpha kernel path (``method="kernel"``; "eigh" when
+    ``rank`` is set). ``factorisation``: a :class:`~brain_diffuser_core.ridge.RidgeFactorisation` of this
+    ``train_fmri`` (as ``factorise(train_fmri, backend=backend)`` returns it, e.g. the one an alpha search already
+    made) to reuse instead of factorising again; the decoders are then the same. Features sharing an alpha share
+    its projector.
     """
     from ..ridge import factorise
 
@@ -97,7 +99,9 @@ def fit_decoders(
             sources.update(_sources_from_arrays({name: val}, n))
     alphas = {name: float((alphas or {}).get(name) or PAPER.ridge_alpha(name)) for name in sources}
     if factorisation is None:
-        fact = factorise(X, backend=backend)
+        # the alphas are fixed here: the kernel path (Cholesky per alpha) does what the eigendecomposition
+        # would, cheaper; low rank needs the eigenvectors
+        fact = factorise(X, backend=backend, method="kernel" if rank is None else "eigh")
     else:
         fact = factorisation
         if (fact.n_samples, fact.n_features) != X.shape:
