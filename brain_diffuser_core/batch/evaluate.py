@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .plan import Item, Shard, plan_groups
+from .plan import GroupedJob, Item
 from .store import ItemOutput
 
 __all__ = ["EvaluateJob", "subject_prefix"]
@@ -29,7 +29,7 @@ def subject_prefix(subject: int, n_subjects: int) -> str:
 
 
 @dataclass
-class EvaluateJob:
+class EvaluateJob(GroupedJob):
     """rows / image_ids : subject -> test rows and their 73k ids (row-aligned); rescale and overrides resolved
     (:func:`~brain_diffuser_core.evaluation.resolve_settings`)."""
 
@@ -60,12 +60,6 @@ class EvaluateJob:
     def groups(self) -> list[list[Item]]:
         return [[Item(f"{s}/{i}", {"subject": int(s), "row": int(r), "image_id": int(i)})
                  for r, i in zip(rows, self.image_ids[s])] for s, rows in self.rows.items()]
-
-    def items(self) -> list[Item]:
-        return [it for g in self.groups() for it in g]
-
-    def shards(self, shard_size: int) -> list[Shard]:
-        return plan_groups(self.groups(), shard_size)
 
     def open_worker(self) -> "_EvaluateWorker":
         return _EvaluateWorker(self)

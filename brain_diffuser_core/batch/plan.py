@@ -69,6 +69,31 @@ def plan_groups(groups: Iterable[Sequence[Item]], shard_size: int) -> list[Shard
     return shards
 
 
+def consecutive_groups(items: Iterable[Item], *keys: str) -> list[list[Item]]:
+    """Split ``items`` into runs of consecutive items with equal ``params[k]`` for every ``k`` in ``keys`` (a
+    worker generates each run in one batch)."""
+    groups: list[list[Item]] = []
+    for it in items:
+        if groups and all(groups[-1][0].params[k] == it.params[k] for k in keys):
+            groups[-1].append(it)
+        else:
+            groups.append([it])
+    return groups
+
+
+class GroupedJob:
+    """Mixin for a job whose items come in groups (``groups()``) that no shard may span."""
+
+    def groups(self) -> list[list[Item]]:  # defined by the job
+        raise NotImplementedError
+
+    def items(self) -> list[Item]:
+        return [it for g in self.groups() for it in g]
+
+    def shards(self, shard_size: int) -> list[Shard]:
+        return plan_groups(self.groups(), shard_size)
+
+
 def fingerprint(obj: Any) -> str:
     """Hex sha256 of ``obj`` as canonical JSON (sorted keys, no whitespace): equal settings, equal fingerprint."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

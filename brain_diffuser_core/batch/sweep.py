@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .plan import Item
+from .plan import Item, consecutive_groups
 from .store import ItemOutput
 
 __all__ = ["AVERAGE", "PatternSpec", "parse_patterns", "parse_subjects", "SweepJob", "build_sweep_job"]
@@ -173,13 +173,7 @@ class _SweepWorker:
 
         job, out = self.job, []
         # consecutive items of one (pattern, subject) share one generation call (the batch)
-        groups: list[list[Item]] = []
-        for it in items:
-            if groups and (groups[-1][0].params["pattern"], groups[-1][0].params["subject"]) == \
-                    (it.params["pattern"], it.params["subject"]):
-                groups[-1].append(it)
-            else:
-                groups.append([it])
+        groups = consecutive_groups(items, "pattern", "subject")
         for group in groups:
             slug, subject = group[0].params["pattern"], group[0].params["subject"]
             pats = job.patterns[(slug, subject)]

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .plan import Item, Shard, plan_groups
+from .plan import GroupedJob, Item, consecutive_groups
 from .store import ItemOutput
 
 __all__ = ["ValidateJob", "validation_images"]
@@ -31,7 +31,7 @@ def _safe(name: str) -> str:
 
 
 @dataclass
-class ValidateJob:
+class ValidateJob(GroupedJob):
     """plan : the :class:`~brain_diffuser_core.world.validate.ValidationPlan` (patterns and seeds, computed on
     the driver and shipped to the workers); overrides : stage settings (``num_inference_steps``)."""
 
@@ -61,12 +61,6 @@ class ValidateJob:
         return [[Item(f"{roi}/{label}/{k:03d}", {"roi": roi, "subject": label, "k": k, "seed": int(seed)})
                  for k, seed in enumerate(self.plan.seeds[(roi, label)])] for roi, label in self.plan.keys()]
 
-    def items(self) -> list[Item]:
-        return [it for g in self.groups() for it in g]
-
-    def shards(self, shard_size: int) -> list[Shard]:
-        return plan_groups(self.groups(), shard_size)
-
     def open_worker(self) -> "_ValidateWorker":
         return _ValidateWorker(self)
 
@@ -85,13 +79,8 @@ class _ValidateWorker:
         from ..world.validate import generate_validation_images
 
         job, out = self.job, []
-        groups: list[list[Item]] = []  # (a batch never spans two (roi, subject)s: see ValidateJob.shards)
-        for it in items:
-            if groups and (groups[-1][0].params["roi"], groups[-1][0].params["subject"]) == \
-                    (it.params["roi"], it.params["subject"]):
-                groups[-1].append(it)
-            else:
-                groups.append([it])
+        # a batch never spans two (roi, subject)s: see ValidateJob.shards
+        groups = consecutive_groups(items, "roi", "subject")
         for group in groups:
             roi, label = group[0].params["roi"], group[0].params["subject"]
             images = generate_validation_images(self.diffuser, job.plan, roi, label,
