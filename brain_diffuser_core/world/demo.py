@@ -48,8 +48,8 @@ A full disk while the world, the features or the bundle are written raises :clas
 so a failed build leaves either nothing or the previous bundle (whose stamp does not match), never a
 complete-looking one.
 
-With the untrained tiny models the whole build takes about 50 s after the world (about 12 s) on this project's
-2-core machines with one torch thread (``benchmarks/demo_latency.py --threads 1``). On a machine whose cores are
+With the trained demo models the whole build takes about 81 s after the world (about 22 s) on this project's
+2-core machines with one torch thread (measured 2026-12-02, ``benchmarks/demo_latency.py --threads 1``). On a machine whose cores are
 already busy, two torch threads are several times slower than one (oversubscription): set
 ``torch.set_num_threads(1)`` there.
 """
