@@ -592,7 +592,8 @@ def _build(bundle_dir: Path, cache: Path, world_root: Path, models_dir: Path, tr
     }
     with atomic_dir(bundle_dir) as tmp:
         for s in subjects:
-            # the first subject's factorisation (from the alpha search) is the one fit_decoders would make
+            # the first subject reuses the eigendecomposition its alpha search made (the same ridge solution as
+            # fit_decoders' own fixed-alpha kernel path, up to float rounding); the others take that path
             fit_subject_bundle(subs[s], store, tmp, alphas=alphas, models=models, dtype="float16",
                                backend="auto", loo_stats=_LOO_ROWS, factorisation=fact if s == subjects[0] else None)
             fact = None  # free it (p x n + n x n float32)
