@@ -12,12 +12,16 @@ Parts
 1. Full shape (times ``--scale``): X (8,859 x 15,724) and the three decoders' targets, VDVAE 91,168,
    CLIP-text 77 x 768 = 59,136, CLIP-vision 257 x 768 = 197,376, with the paper's alphas. One
    factorisation serves the three fits: ``--method kernel`` (default: the alphas are fixed, so K = Xc Xc^T and
-   a Cholesky inverse per alpha suffice, then one target-sized product W = H Yc) or ``eigh`` (the all-alphas
-   eigendecomposition that cross-validation and low rank need). Leave-one-out statistics come from
+   a Cholesky factor per alpha suffice) or ``eigh`` (the all-alphas eigendecomposition that cross-validation and
+   low rank need). ``--form`` (default auto = dual here, n < p): the whitened dual factors ``C = L^-1 Yc``, one
+   triangular solve of n^2 flops per target, or the primal weights ``W = Xc^T (K + alpha I)^-1 Yc``, one
+   product of 2 p n flops per target. Leave-one-out statistics come from
    ``--loo-rows`` sampled training rows (default 1,000; 0 = all). Storage modes (``--modes``): ``float16``
    (exact weights, float16, what ``fit`` writes by default) and ``lowrank`` (rank ``--rank``, float16 factors;
    needs ``--method eigh``). A float32 GEMM is timed in the same run and the fit's arithmetic (the flops the
-   method needs) is printed as a fraction of its rate.
+   method needs) is printed as a fraction of its rate; a float32 triangular solve is timed too, and the fit is
+   also given as a fraction of the bound the two rates set (the dual form spends most of its time in
+   triangular solves, which run below the GEMM rate on these CPUs but need half the flops).
    Printed: wall time and peak RSS per step, bundle size per subject for both modes (float16: from the
    decoders' bytes; low rank: a bundle really written and measured), and the correlation of the low-rank (and
    float16) test predictions with the exact float32 solution ``(X_test - mean) Xc^T (K + alpha I)^-1 Yc``.
@@ -171,7 +175,10 @@ def run_full(args, log) -> dict:
     log(f"[full x{scale}] X {syn.n} x {syn.p}, test {syn.n_test}; targets " +
         ", ".join(f"{k} {int(np.prod(v))}" for k, v in shapes.items()) + f"  (generated in {res['generate_X_s']:.1f} s)")
     res["gemm_gflops"] = gemm_gflops(args.backend)
-    log(f"  float32 GEMM (4096^3, {torch.get_num_threads()} threads): {res['gemm_gflops']:.0f} GFLOP/s")
+    res["trsm_gflops"] = trsm_gflops(args.backend)
+    res["form"] = form = resolve_form(args.form, syn.n, syn.p)
+    log(f"  float32 GEMM (4096^3, {torch.get_num_threads()} threads): {res['gemm_gflops']:.0f} GFLOP/s; "
+        f"triangular solve (4096^3): {res['trsm_gflops']:.0f} GFLOP/s; weights form: {form}")
     t0 = time.perf_counter()
     fact = factorise(syn.X, backend=args.backend, method=args.method)
     res["factorise_s"] = time.perf_counter() - t0
@@ -181,7 +188,10 @@ def run_full(args, log) -> dict:
     res["rank"] = rank
     loo = loo_setting(args.loo_rows, scale)
     m_rows = syn.n if loo is True else min(int(loo), syn.n)
-    flops = {m: fit_flops(syn.n, syn.p, {}, m_rows, args.method) for m in args.modes}  # the factorisation
+    def mode_form(mode):
+        return form if mode == "float16" else "primal"  # (low rank: the primal algebra's flop count)
+
+    flops = {m: fit_flops(syn.n, syn.p, {}, m_rows, args.method, mode_form(m)) for m in args.modes}  # factorisation
     fit_total = {m: 0.0 for m in args.modes}
     source_total = {m: 0.0 for m in args.modes}  # seconds inside the synthetic target source (generation)
     lowrank_decoders, sizes = {}, {m: 0 for m in args.modes}
@@ -206,12 +216,13 @@ def run_full(args, log) -> dict:
 
         fr: dict = {"n_targets": T, "alpha": alpha}
         for mode in args.modes:
-            flops[mode] += fit_flops(syn.n, syn.p, {name: T}, m_rows, args.method) - fit_flops(
-                syn.n, syn.p, {}, m_rows, args.method)
+            one = fit_flops(syn.n, syn.p, {name: T}, m_rows, args.method, mode_form(mode))
+            base = fit_flops(syn.n, syn.p, {}, m_rows, args.method, mode_form(mode))
+            flops[mode] = {k: flops[mode][k] + one[k] - base[k] for k in one}
             source_s = [0.0]
             t0 = time.perf_counter()
             dec = fit_ridge(fact, Y, alpha, n_targets=T, n_targets_batch=args.batch, loo_stats=loo,
-                            rank=rank if mode == "lowrank" else None, dtype="float16")
+                            rank=rank if mode == "lowrank" else None, dtype="float16", form=args.form)
             dt = time.perf_counter() - t0
             fit_total[mode] += dt
             source_total[mode] += source_s[0]
@@ -242,12 +253,18 @@ def run_full(args, log) -> dict:
     for mode in args.modes:
         res[f"target_source_{mode}_s"] = source_total[mode]
         t = fit_total[mode] - source_total[mode] + res["factorise_s"]
-        res[f"fraction_of_gemm_{mode}"] = flops[mode] / t / (res["gemm_gflops"] * 1e9)
-        log(f"  three decoders, {mode}: fit {fit_total[mode]:.1f} s (+ factorise {res['factorise_s']:.1f} s), of which "
-            f"{source_total[mode]:.1f} s generating the synthetic targets; decoders {sizes[mode] / 2**30:.3f} GiB; "
-            f"{flops[mode] / 1e12:.2f} TFLOP of arithmetic "
-            f"({'dense' if mode == 'float16' else 'dense-equivalent'}) = "
-            f"{100 * res[f'fraction_of_gemm_{mode}']:.0f}% of the GEMM rate (generation excluded)")
+        total = sum(flops[mode].values())
+        res[f"tflop_{mode}"] = total / 1e12
+        res[f"fraction_of_gemm_{mode}"] = total / t / (res["gemm_gflops"] * 1e9)
+        res[f"fraction_of_kernel_rates_{mode}"] = kernel_bound_s(flops[mode], res["gemm_gflops"],
+                                                                 res["trsm_gflops"]) / t
+        log(f"  three decoders, {mode} ({mode_form(mode)}): fit {fit_total[mode]:.1f} s (+ factorise "
+            f"{res['factorise_s']:.1f} s), of which {source_total[mode]:.1f} s generating the synthetic targets; "
+            f"decoders {sizes[mode] / 2**30:.3f} GiB; {total / 1e12:.2f} TFLOP of arithmetic "
+            f"({'dense' if mode == 'float16' else 'dense-equivalent'}; {flops[mode]['trsm'] / 1e12:.2f} of it in "
+            f"triangular solves) = {100 * res[f'fraction_of_gemm_{mode}']:.0f}% of the GEMM rate, "
+            f"{100 * res[f'fraction_of_kernel_rates_{mode}']:.0f}% of the GEMM and trsm rates' bound "
+            "(generation excluded)")
     if "bundle_lowrank_bytes" in res:
         log(f"  low-rank bundle written: {res['bundle_lowrank_bytes'] / 2**30:.3f} GiB")
     log(f"  peak RSS {res['peak_rss_gb']:.2f} GB")
@@ -256,7 +273,9 @@ def run_full(args, log) -> dict:
             t = res[f"fit_three_{mode}_plus_factorise_s"] - res[f"target_source_{mode}_s"]
             log(f"  target fit <= 600 s ({mode}, synthetic-target generation excluded): "
                 f"{'met' if t <= 600 else 'MISSED'} ({t:.0f} s); "
-                f">= 80% of GEMM: {'met' if res[f'fraction_of_gemm_{mode}'] >= 0.8 else 'MISSED'}")
+                f">= 80% of GEMM: {'met' if res[f'fraction_of_gemm_{mode}'] >= 0.8 else 'MISSED'}; "
+                f">= 80% of the kernels' bound: "
+                f"{'met' if res[f'fraction_of_kernel_rates_{mode}'] >= 0.8 else 'MISSED'}")
         log(f"  target peak RSS <= 16 GB: {'met' if res['peak_rss_gb'] <= 16 else 'MISSED'}")
         if "lowrank" in args.modes:
             worst = min(fr["lowrank"]["r_overall"] for fr in res["features"].values())
@@ -281,14 +300,53 @@ def gemm_gflops(backend: str = "torch", size: int = 4096) -> float:
     return 2 * size ** 3 / best / 1e9
 
 
-def fit_flops(n: int, p: int, targets: dict, m: int, method: str) -> float:
-    """The arithmetic a fit needs: K (2 n^2 p); per alpha the Cholesky inverse (4/3 n^3) and H (2 p n^2) for
-    "kernel", or the eigendecomposition (counted as 4/3 n^3, its matrix-matrix share) and Xc^T U (2 p n^2) once
-    plus H per alpha for "eigh"; per target W (2 p n) and the leave-one-out rows (2 m n)."""
-    f = 2.0 * n * n * p + (0 if method == "kernel" else 4 / 3 * n ** 3 + 2.0 * p * n * n)
+def resolve_form(form: str, n: int, p: int) -> str:
+    """fit_ridge's ``form`` as it will be taken ("auto": dual when n < p)."""
+    return ("dual" if n < p else "primal") if form == "auto" else form
+
+
+def fit_flops(n: int, p: int, targets: dict, m: int, method: str, form: str = "primal") -> dict[str, float]:
+    """The arithmetic a fit needs, split by kernel: ``{"gemm": ..., "trsm": ...}`` (flops).
+
+    Always K (2 n^2 p); "eigh" adds the eigendecomposition (counted as 4/3 n^3, its matrix-matrix share).
+    primal: per alpha the Cholesky inverse (4/3 n^3, "kernel") and H (2 p n^2); per target W (2 p n).
+    dual: per alpha the Cholesky factor (n^3 / 3), G = L^-1 Xc (trsm, n^2 p) and, for the leave-one-out
+    rows, L^-1 itself (trsm, n^3) ("kernel"); per target C = L^-1 Yc (trsm, n^2; "eigh": a GEMM, 2 n^2).
+    Both: the leave-one-out rows, 2 m n per target."""
+    g = 2.0 * n * n * p + (0 if method == "kernel" else 4 / 3 * n ** 3 + 2.0 * p * n * n)
+    tr = 0.0
     for T in targets.values():
-        f += (4 / 3 * n ** 3 if method == "kernel" else 0) + 2.0 * p * n * n + T * (2.0 * p * n + 2.0 * m * n)
-    return f
+        g += T * 2.0 * m * n
+        if form == "primal":
+            g += (4 / 3 * n ** 3 if method == "kernel" else 0) + 2.0 * p * n * n + T * 2.0 * p * n
+        elif method == "kernel":
+            g += n ** 3 / 3
+            tr += n * n * p + (n ** 3 if m else 0) + T * float(n * n)
+        else:
+            g += T * 2.0 * n * n
+    return {"gemm": g, "trsm": tr}
+
+
+def trsm_gflops(backend: str = "torch", size: int = 4096) -> float:
+    """float32 triangular solve rate (L^-1 B, both size x size; n^3 flops), best of 3, in GFLOP/s."""
+    dev = "cuda" if backend == "torch_cuda" else "cpu"
+    a = torch.randn(size, size, device=dev) / size ** 0.5
+    L = torch.linalg.cholesky(a @ a.T + torch.eye(size, device=dev))
+    b = torch.randn(size, size, device=dev)
+    torch.linalg.solve_triangular(L, b, upper=False)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        torch.linalg.solve_triangular(L, b, upper=False)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return size ** 3 / best / 1e9
+
+
+def kernel_bound_s(flops: dict[str, float], gemm: float, trsm: float) -> float:
+    """Seconds the arithmetic takes at the machine's measured GEMM and trsm rates (GFLOP/s)."""
+    return flops["gemm"] / (gemm * 1e9) + flops["trsm"] / (trsm * 1e9)
 
 
 def loo_setting(loo_rows: int | None, scale: float) -> bool | int:
@@ -301,7 +359,9 @@ def loo_setting(loo_rows: int | None, scale: float) -> bool | int:
 #: himalaya: KernelRidge (linear kernel, "eigenvalues") and Ridge ("svd") on its numpy backend, KernelRidge on its
 #: torch backend (on one CPU thread its numpy backend was ~9x faster on these shapes); the fastest is its best
 HIMALAYA = ("himalaya_kernel_numpy", "himalaya_ridge_svd_numpy", "himalaya_kernel_torch")
-PEERS = ("sklearn",) + HIMALAYA + ("fit_ridge_kernel", "fit_ridge_eigh")
+#: fit_ridge_kernel / _eigh take --form (default auto: dual when n < p); fit_ridge_kernel_primal is the primal
+#: weights on the same factorisation, for the ratio between the two forms
+PEERS = ("sklearn",) + HIMALAYA + ("fit_ridge_kernel", "fit_ridge_eigh", "fit_ridge_kernel_primal")
 
 
 def run_one(args) -> int:
@@ -344,12 +404,12 @@ def run_one(args) -> int:
             model.fit(X32, Ys[name])
             preds[name] = np.asarray(backend.to_numpy(model.predict(Xt32)))
     else:
-        method = peer.removeprefix("fit_ridge_")
+        method, _, primal = peer.removeprefix("fit_ridge_").partition("_")
         fact = factorise(syn.X, backend=args.backend, method=method)
         loo = loo_setting(args.loo_rows, scale)
         for name in shapes:
             dec = fit_ridge(fact, Ys[name], PAPER.ridge_alpha(name), n_targets_batch=args.batch, dtype="float32",
-                            loo_stats=loo)
+                            loo_stats=loo, form="primal" if primal else args.form)
             preds[name] = dec.predict(syn.X_test)  # plain ridge: no rescaling
     seconds = time.perf_counter() - t0
     for name, v in preds.items():
@@ -376,7 +436,7 @@ def run_compare(args, log) -> dict:
         for peer in PEERS:
             cmd = [sys.executable, __file__, "--one", peer, "--npy", tmp, "--scale", str(args.scale),
                    "--compare-scale", str(args.compare_scale), "--threads", str(args.threads),
-                   "--backend", args.backend, "--batch", str(args.batch)]
+                   "--backend", args.backend, "--batch", str(args.batch), "--form", args.form]
             if args.loo_rows is not None:
                 cmd += ["--loo-rows", str(args.loo_rows)]
             subprocess.run(cmd, check=True)
@@ -386,7 +446,10 @@ def run_compare(args, log) -> dict:
             err = max(float(np.abs(np.load(Path(tmp) / f"{peer}_{name}.npy") - ref[name]).max() / ref[name].std())
                       for name in shapes)
             res["peers"][peer]["max_rel_diff"] = err
-    flops = fit_flops(syn.n, syn.p, targets, m_rows, "kernel")
+    form = resolve_form(args.form, syn.n, syn.p)
+    split = fit_flops(syn.n, syn.p, targets, m_rows, "kernel", form)
+    flops = sum(split.values())
+    trsm = trsm_gflops(args.backend)
     ours = res["peers"]["fit_ridge_kernel"]["s"]
     hima = min(HIMALAYA, key=lambda k: res["peers"][k]["s"])
     log(f"  {'peer':30s} {'s':>8s} {'peak RSS GB':>12s} {'(data)':>7s} {'max |diff|/std':>15s} "
@@ -395,11 +458,15 @@ def run_compare(args, log) -> dict:
         log(f"  {peer:30s} {r['s']:8.2f} {r['peak_rss_gb']:12.2f} {r['data_rss_gb']:7.2f} {r['max_rel_diff']:15.1e} "
             f"{r['s'] / ours:16.1f}x")
     res.update(best_himalaya=hima, vs_himalaya=res["peers"][hima]["s"] / ours,
-               vs_sklearn=res["peers"]["sklearn"]["s"] / ours, fit_ridge_tflop=flops / 1e12,
-               fraction_of_gemm=flops / ours / (gemm * 1e9))
-    log(f"  fit_ridge (kernel): {flops / 1e9:.1f} GFLOP of arithmetic in {ours:.2f} s = "
-        f"{100 * res['fraction_of_gemm']:.0f}% of the GEMM rate; {res['vs_himalaya']:.1f}x himalaya's best "
-        f"({hima}), {res['vs_sklearn']:.1f}x scikit-learn as the original used it")
+               vs_sklearn=res["peers"]["sklearn"]["s"] / ours, fit_ridge_tflop=flops / 1e12, form=form,
+               trsm_gflops=trsm, fraction_of_gemm=flops / ours / (gemm * 1e9),
+               fraction_of_kernel_rates=kernel_bound_s(split, gemm, trsm) / ours,
+               dual_vs_primal=res["peers"]["fit_ridge_kernel_primal"]["s"] / ours)
+    log(f"  fit_ridge (kernel, {form}): {flops / 1e9:.1f} GFLOP of arithmetic in {ours:.2f} s = "
+        f"{100 * res['fraction_of_gemm']:.0f}% of the GEMM rate ({100 * res['fraction_of_kernel_rates']:.0f}% of "
+        f"the GEMM and trsm ({trsm:.0f} GFLOP/s) rates' bound); {res['vs_himalaya']:.1f}x himalaya's best "
+        f"({hima}), {res['vs_sklearn']:.1f}x scikit-learn as the original used it, "
+        f"{res['dual_vs_primal']:.2f}x its own primal weights")
     bad = {k: r["max_rel_diff"] for k, r in res["peers"].items() if r["max_rel_diff"] > 1e-3}
     assert not bad, f"predictions differ from scikit-learn: {bad}"
     return res
@@ -418,6 +485,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loo-rows", type=int, default=None,
                     help="leave-one-out statistics from this many sampled training rows (default 1,000 x scale; 0: all)")
     ap.add_argument("--batch", type=int, default=4096, help="n_targets_batch")
+    ap.add_argument("--form", default="auto", choices=["auto", "primal", "dual"],
+                    help="fit_ridge's weights form (default auto: the whitened dual form when n < p)")
     ap.add_argument("--backend", default="torch", choices=["numpy", "torch", "torch_cuda", "auto"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tmp-dir", default=None, help="where the low-rank bundle is written to be measured")

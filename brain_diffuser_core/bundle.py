@@ -11,16 +11,19 @@ Layout::
 
 ``manifest.json``::
 
-    {"format_version": 1, "created": "2026-11-24T21:00:00+00:00",
+    {"format_version": 2, "created": "2026-11-24T21:00:00+00:00",
      "packages": {"python": "3.11.9", "torch": "2.13.0", ...},
      "features": {"vdvae": {"shape": [91168]}, "clip_text": {"shape": [77, 768]}, ...},
      "subjects": {"1": {"n_voxels": 15724, "mask_sha256": "...", "n_train": 8859,
                         "decoders": {"vdvae": {"file": "subj01_vdvae.safetensors", "alpha": 50000.0, "rank": null,
-                                               "dtype": "float16", "rescale": ["train", "paper", "none"],
+                                               "form": "dual", "dtype": "float16", "rescale": ["train", "paper", "none"],
                                                "rescale_tensors": ["y_mean", "y_std", "loo_mean", "loo_std"],
                                                "train_feature_norm": 123.4}, ...}}},
      "models": {"vdvae": {"path": "models/vdvae.th", "sha256": "..."}, "clip": {"hf_id": "openai/..."}, ...},
      "files": {"subj01_vdvae.safetensors": "<sha256>", ...}}
+
+``form`` is how the weights are stored (:class:`~brain_diffuser_core.ridge.RidgeDecoder`: "primal", "lowrank"
+or "dual"). Format 2 added the dual form; format-1 bundles (primal or low rank only) are read as they are.
 
 ``train_feature_norm`` is the mean Euclidean norm of one training sample's feature vector (the ROI-pattern
 path rescales predicted features to it). Model paths may be relative to the bundle folder.
@@ -48,10 +51,13 @@ from .config import FEATURE_NAMES
 from .io import atomic_dir, sha256_file
 from .ridge import RidgeDecoder
 
-__all__ = ["FORMAT_VERSION", "BundleError", "SubjectDecoders", "Bundle", "save_bundle", "load_bundle",
+__all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "BundleError", "SubjectDecoders", "Bundle", "save_bundle", "load_bundle",
            "decoder_filename"]
 
-FORMAT_VERSION = 1
+#: what this code writes; 2 added the dual-form decoders (``form`` in the manifest)
+FORMAT_VERSION = 2
+#: what this code reads
+READABLE_FORMAT_VERSIONS = (1, 2)
 _PACKAGES = ("torch", "numpy", "safetensors", "scipy", "diffusers", "transformers")
 _MODEL_KEYS = ("path", "hf_id", "sha256")
 
@@ -200,6 +206,7 @@ def save_bundle(
                     "file": fname,
                     "alpha": dec.alpha,
                     "rank": dec.rank,
+                    "form": dec.form,
                     "dtype": dec.weight_dtype,
                     "rescale": ["train", "paper", "none"] if dec.has_loo_stats else ["paper", "none"],
                     # per-target rescaling statistics, (n_targets,) float32 tensors inside the decoder file
@@ -390,9 +397,11 @@ def load_bundle(path: str | os.PathLike, *, verify: str = "lazy") -> Bundle:
     missing_keys = [k for k in ("format_version", "features", "subjects", "files") if k not in manifest]
     if missing_keys:
         raise BundleError(f"bundle {path}: manifest.json lacks {missing_keys}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_FORMAT_VERSIONS:
         raise BundleError(
-            f"bundle {path} has format_version {manifest['format_version']}; this code reads {FORMAT_VERSION}"
+            f"bundle {path} has format_version {manifest['format_version']}; this code reads "
+            f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))} (a newer version of brain_diffuser_core wrote it: "
+            "upgrade, or refit the decoders with this one)"
         )
     for subj, info in manifest["subjects"].items():
         for feat, d in info.get("decoders", {}).items():

@@ -69,6 +69,7 @@ __all__ = [
     "RidgeFactorisation",
     "RidgeDecoder",
     "FACTORISATIONS",
+    "FORMS",
     "factorise",
     "fit_ridge",
     "choose_alpha",
@@ -129,6 +130,25 @@ class _NumpyOps:
     def diagonal(self, a):
         return np.ascontiguousarray(np.diagonal(a))
 
+    def cholesky(self, a):
+        """Lower Cholesky factor of a symmetric positive definite matrix (overwritten)."""
+        from scipy.linalg import lapack
+
+        c, info = lapack.spotrf(a, lower=1, overwrite_a=1, clean=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"Cholesky factorisation failed (LAPACK info {info}): K + alpha I is not "
+                                        "positive definite in float32; use a larger alpha or method='eigh'")
+        return c
+
+    def solve_lower(self, L, b):
+        """L^-1 b for lower-triangular L (n, n) and b (n, k)."""
+        from scipy.linalg import solve_triangular
+
+        return solve_triangular(L, b, lower=True, check_finite=False)
+
+    def eye(self, n: int):
+        return np.eye(n, dtype=np.float32)
+
     def diagonal_add(self, a, value: float) -> None:
         a[np.diag_indices_from(a)] += np.float32(value)
 
@@ -175,6 +195,21 @@ class _TorchOps:
 
     def diagonal(self, a):
         return torch.diagonal(a).contiguous()
+
+    def cholesky(self, a):
+        """Lower Cholesky factor of a symmetric positive definite matrix."""
+        L, info = torch.linalg.cholesky_ex(a)
+        if int(info) != 0:
+            raise torch.linalg.LinAlgError(f"Cholesky factorisation failed (leading minor {int(info)}): K + alpha I "
+                                           "is not positive definite in float32; use a larger alpha or method='eigh'")
+        return L
+
+    def solve_lower(self, L, b):
+        """L^-1 b for lower-triangular L (n, n) and b (n, k)."""
+        return torch.linalg.solve_triangular(L, b, upper=False)
+
+    def eye(self, n: int):
+        return torch.eye(n, dtype=torch.float32, device=self.device)
 
     def diagonal_add(self, a, value: float) -> None:
         a.diagonal().add_(float(value))
@@ -324,6 +359,63 @@ class RidgeFactorisation:
             return hit
         return self._alpha_operators(alpha, rows, need_projector)
 
+    def dual_operators(self, alpha: float, rows: np.ndarray | None):
+        """What the whitened dual form needs for one alpha: ``(whiten, G, R_rows, h_rows)``.
+
+        With any factor ``F`` of ``(K + alpha I)^-1 = F^T F`` (n, n), the weights are
+        ``W = Xc^T F^T F Yc = G^T C`` with ``G = F Xc`` (n, p) and ``C = F Yc`` (n, n_targets). ``F`` is
+        ``L^-1`` from the Cholesky factor ``K + alpha I = L L^T`` ("kernel") or ``diag(1/sqrt(lam + alpha))
+        U^T`` ("eigh"). Unlike the plain dual coefficients ``(K + alpha I)^-1 Yc``, whose float16 rounding
+        is amplified by the cancellation in ``Xc^T A`` at small alpha, ``G`` and ``C`` carry the square
+        root of the shrinkage each, so float16 storage costs about what it costs the primal weights.
+
+        whiten : callable ``yc (n, b) -> C (n, b)`` (a triangular solve, n^2 b flops, or a GEMM, 2 n^2 b);
+        G : (n, p); R_rows : (m, n) with the dual coefficients' rows ``((K + alpha I)^-1 Yc)[rows] = R_rows C``
+        (the train residuals are alpha times those, so leave-one-out statistics need 2 m n flops per target);
+        h_rows : (m,) ``1 / (1 - hat_ii)``. R_rows and h_rows are None when ``rows`` is None.
+        Cached like :meth:`alpha_operators` inside :meth:`reusing_operators`.
+        """
+        if self._operators is not None:
+            key = ("dual", float(alpha), None if rows is None else np.asarray(rows, np.int64).tobytes())
+            hit = self._operators.get(key)
+            if hit is None:
+                hit = self._operators[key] = self._dual_operators(alpha, rows)
+            return hit
+        return self._dual_operators(alpha, rows)
+
+    def _dual_operators(self, alpha: float, rows: np.ndarray | None):
+        ops, n = self.ops, self.n_samples
+        if self.method == "eigh":
+            f = 1.0 / ops.sqrt(self.lam + alpha)  # (n,) F = diag(f) U^T
+            G = self.XtU.T * f[:, None]
+            Ut = self.U.T
+
+            def whiten(yc):
+                return (Ut @ yc) * f[:, None]
+
+            if rows is None:
+                return whiten, G, None, None
+            R_rows = ops.index(self.U, rows) * f  # (m, n) = U[rows] diag(f)
+            one_minus_hat = 1.0 - self.hat_diag(alpha)
+        else:
+            A = self.K * 1.0  # a copy: the factorisation works in place
+            ops.diagonal_add(A, alpha)
+            L = ops.cholesky(A)
+            del A
+            G = ops.solve_lower(L, self.Xc)
+
+            def whiten(yc):
+                return ops.solve_lower(L, yc)
+
+            if rows is None:
+                return whiten, G, None, None
+            Linv = ops.solve_lower(L, ops.eye(n))  # F = L^-1; (K + alpha I)^-1 = F^T F
+            one_minus_hat = alpha * (Linv * Linv).sum(0) - 1.0 / n  # 1 - (1 + 1/n - alpha diag(F^T F))
+            R_rows = ops.index(Linv.T, rows)
+            del Linv
+        h_rows = ops.index(1.0 / one_minus_hat, rows)
+        return whiten, G, R_rows, h_rows
+
     def _alpha_operators(self, alpha: float, rows: np.ndarray | None, need_projector: bool):
         ops, n = self.ops, self.n_samples
         if self.method == "eigh":
@@ -350,6 +442,8 @@ class RidgeFactorisation:
 
 
 FACTORISATIONS: tuple[str, ...] = ("eigh", "kernel")
+#: how :func:`fit_ridge` computes and stores full weights (see its ``form``)
+FORMS: tuple[str, ...] = ("auto", "primal", "dual")
 
 
 def factorise(X, *, backend: str = "auto", method: str = "eigh") -> RidgeFactorisation:
@@ -414,27 +508,43 @@ class RidgeDecoder:
 
     Tensors (all CPU torch): ``x_mean`` (p,), ``y_mean``/``y_std`` (n_targets,) train target mean/std
     (ddof 0), ``loo_mean``/``loo_std`` (n_targets,) leave-one-out train prediction mean/std (absent if fitted
-    with ``loo_stats=False``), and either ``weight`` (p, n_targets) with ``weight_scale`` (n_targets,), or
-    ``factor_a`` (p, r) with ``factor_a_scale`` (r,) and ``factor_b`` (r, n_targets) with
-    ``factor_b_scale`` (n_targets,). Stored weights are float16 or float32; scales are float32.
+    with ``loo_stats=False``), and the weights in one of three forms (:attr:`form`):
+
+    - ``"primal"``: ``weight`` (p, n_targets) with ``weight_scale`` (n_targets,); ``W = weight * scale``;
+    - ``"lowrank"``: ``factor_a`` (p, r) with ``factor_a_scale`` (r,) and ``factor_b`` (r, n_targets) with
+      ``factor_b_scale`` (n_targets,); ``W ~ A @ B``;
+    - ``"dual"``: ``dual_x`` (n_train, p) with ``dual_x_scale`` (n_train,), the centred training X, and
+      ``dual_coef`` (n_train, n_targets) with ``dual_coef_scale`` (n_targets,); ``W = Xc^T A`` is never
+      formed: a prediction is ``((X - x_mean) Xc^T) A + y_mean``. Smaller and cheaper to fit than ``"primal"``
+      when n_train < p (NSD: 8,859 trials < 12,682-15,724 voxels).
+
+    Stored weights are float16 or float32; scales are float32 (per column, or per training row for ``dual_x``).
     """
+
+    _FORM_TENSORS = {
+        "primal": ("weight", "weight_scale"),
+        "lowrank": ("factor_a", "factor_a_scale", "factor_b", "factor_b_scale"),
+        "dual": ("dual_x", "dual_x_scale", "dual_coef", "dual_coef_scale"),
+    }
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], alpha: float, n_train: int):
         self.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
         self.alpha = float(alpha)
         self.n_train = int(n_train)
-        low = "factor_a" in self.tensors
-        need = ["x_mean", "y_mean", "y_std"] + (
-            ["factor_a", "factor_a_scale", "factor_b", "factor_b_scale"] if low else ["weight", "weight_scale"]
-        )
+        form = "dual" if "dual_coef" in self.tensors else "lowrank" if "factor_a" in self.tensors else "primal"
+        need = ["x_mean", "y_mean", "y_std", *self._FORM_TENSORS[form]]
         missing = [k for k in need if k not in self.tensors]
         if missing:
             raise ValueError(f"ridge decoder state is missing tensors {missing}")
+        self.form = form
         p, t = self.n_features, self.n_targets
         expect = {"x_mean": (p,), "y_mean": (t,), "y_std": (t,), "loo_mean": (t,), "loo_std": (t,)}
-        if low:
+        if form == "lowrank":
             r = self.rank
             expect.update(factor_a=(p, r), factor_a_scale=(r,), factor_b=(r, t), factor_b_scale=(t,))
+        elif form == "dual":
+            m = self.n_train
+            expect.update(dual_x=(m, p), dual_x_scale=(m,), dual_coef=(m, t), dual_coef_scale=(t,))
         else:
             expect.update(weight=(p, t), weight_scale=(t,))
         for k, shp in expect.items():
@@ -462,7 +572,7 @@ class RidgeDecoder:
 
     @property
     def weight_dtype(self) -> str:
-        t = self.tensors.get("weight", self.tensors.get("factor_a"))
+        t = self.tensors[self._FORM_TENSORS[self.form][0]]
         return str(t.dtype).replace("torch.", "")
 
     @property
@@ -488,9 +598,16 @@ class RidgeDecoder:
     def dense_weight(self) -> torch.Tensor:
         """The float32 weight matrix (p, n_targets). Materialises it: for tests and small decoders only."""
         t = self.tensors
-        if self.rank is None:
+        if self.form == "primal":
             return t["weight"].float() * t["weight_scale"]
+        if self.form == "dual":
+            return self._dual_x(torch.device("cpu")).T @ (t["dual_coef"].float() * t["dual_coef_scale"])
         return (t["factor_a"].float() * t["factor_a_scale"]) @ (t["factor_b"].float() * t["factor_b_scale"])
+
+    def _dual_x(self, dev: torch.device) -> torch.Tensor:
+        """(n_train, p) float32 centred training X of a dual-form decoder, on ``dev``."""
+        t = self.tensors
+        return t["dual_x"].to(dev).float() * t["dual_x_scale"].to(dev)[:, None]
 
     # -- prediction
     def predict(self, X, rescale: str = "none", *, n_targets_batch: int = 4096, device: str = "cpu") -> np.ndarray:
@@ -517,15 +634,16 @@ class RidgeDecoder:
         Xc = (Xt.to(dev, torch.float32) - t["x_mean"].to(dev))
         m, T = Xc.shape[0], self.n_targets
         out = np.empty((m, T), dtype=np.float32)
-        if self.rank is not None:
-            Z = Xc @ (t["factor_a"].to(dev).float() * t["factor_a_scale"].to(dev))
+        if self.form == "lowrank":
+            Z, right, right_scale = (Xc @ (t["factor_a"].to(dev).float() * t["factor_a_scale"].to(dev)),
+                                     t["factor_b"], t["factor_b_scale"])
+        elif self.form == "dual":
+            Z, right, right_scale = Xc @ self._dual_x(dev).T, t["dual_coef"], t["dual_coef_scale"]  # Z: (m, n_train)
+        else:
+            Z, right, right_scale = Xc, t["weight"], t["weight_scale"]
         for j0 in range(0, T, n_targets_batch):
             j1 = min(j0 + n_targets_batch, T)
-            if self.rank is None:
-                w = t["weight"][:, j0:j1].to(dev).float()
-                pred = (Xc @ w) * t["weight_scale"][j0:j1].to(dev)
-            else:
-                pred = (Z @ t["factor_b"][:, j0:j1].to(dev).float()) * t["factor_b_scale"][j0:j1].to(dev)
+            pred = (Z @ right[:, j0:j1].to(dev).float()) * right_scale[j0:j1].to(dev)
             pred = pred + t["y_mean"][j0:j1].to(dev)
             out[:, j0:j1] = pred.cpu().numpy()
         return self._rescale(out, rescale)
@@ -565,6 +683,7 @@ def fit_ridge(
     dtype: str = "float16",
     n_targets: int | None = None,
     progress: ProgressFn | None = None,
+    form: str = "auto",
 ) -> RidgeDecoder:
     """Fit ridge with intercept from X (n, p) to every column of Y (n, n_targets).
 
@@ -588,6 +707,12 @@ def fit_ridge(
     dtype : stored weight dtype, "float16" (default) or "float32".
     progress : optional ``progress(done, total)`` called after each batch (units: target columns; with
         ``rank`` there are two passes, so total is 2 * n_targets).
+    form : how full weights are computed and stored (``rank=None`` only): ``"dual"`` the dual coefficients
+        ``A = (K + alpha I)^-1 Yc`` (n, n_targets) beside the centred train X (2 n^2 flops per target; the
+        leave-one-out rows come free from the residuals ``alpha A``), ``"primal"`` the weights
+        ``W = Xc^T A`` (p, n_targets) (2 p n flops per target, plus 2 m n for the leave-one-out rows), or
+        ``"auto"`` (default) dual when n < p, which is cheaper and smaller then. The predictions agree to
+        float rounding either way.
 
     Returns
     -------
@@ -612,6 +737,10 @@ def fit_ridge(
     rows = _loo_rows(n, loo_stats)
     if rank is not None:
         fact._need_eigh("low-rank fitting (rank=...)")
+    if form not in FORMS:
+        raise ValueError(f"'form' must be one of {list(FORMS)}; {form!r} was provided")
+    if rank is None and (form == "dual" or (form == "auto" and n < fact.n_features)):
+        return _fit_dual(fact, targets, alpha, rows, wdt, int(n_targets_batch), progress)
     # proj = H = Xc^T (K + alpha I)^-1 (p, n), built once for this alpha (full weights only); h_rows (m,) and the
     # rows H_rows (m, n) of the centred hat matrix: centred train fits of the leave-one-out rows
     proj, h_rows, H_rows = fact.alpha_operators(alpha, rows, need_projector=rank is None)
@@ -702,6 +831,49 @@ def fit_ridge(
         factor_a=ops.to_torch(A / a_scale, wdt), factor_a_scale=ops.to_torch(a_scale).float(),
         factor_b=b, factor_b_scale=b_scale,
     )
+    return RidgeDecoder(tensors, alpha=alpha, n_train=n)
+
+
+def _fit_dual(fact: RidgeFactorisation, targets: "_Targets", alpha: float, rows: np.ndarray | None,
+              wdt: torch.dtype, n_targets_batch: int, progress: ProgressFn | None) -> RidgeDecoder:
+    """:func:`fit_ridge` in the whitened dual form (``W = G^T C``, see
+    :meth:`RidgeFactorisation.dual_operators`): ``C = F Yc`` streamed over target batches."""
+    ops, n, T = fact.ops, fact.n_samples, targets.n_targets
+    whiten, G, R_rows, h_rows = fact.dual_operators(alpha, rows)
+    g_scale = _column_scale(G.T)  # per row of G, so float16 keeps every row's precision
+    tensors: dict[str, torch.Tensor] = {
+        "x_mean": ops.to_torch(fact.x_mean).float(),
+        "dual_x": ops.to_torch(G / g_scale[:, None], wdt), "dual_x_scale": ops.to_torch(g_scale).float()}
+    y_mean = torch.empty(T, dtype=torch.float32)
+    y_std = torch.empty(T, dtype=torch.float32)
+    loo_mean = torch.empty(T, dtype=torch.float32) if rows is not None else None
+    loo_std = torch.empty(T, dtype=torch.float32) if rows is not None else None
+    coef = torch.empty((n, T), dtype=wdt)
+    coef_scale = torch.empty(T, dtype=torch.float32)
+    for j0, j1, yb_np in targets.batches(n_targets_batch):
+        yb = ops.asarray(yb_np)
+        mu = yb.mean(0)
+        yc = yb - mu
+        del yb
+        y_mean[j0:j1] = ops.to_torch(mu).float()
+        y_std[j0:j1] = ops.to_torch(ops.sqrt((yc * yc).mean(0))).float()
+        cb = whiten(yc)  # (n, b)
+        if rows is not None:
+            # train residuals are alpha (K + alpha I)^-1 yc; loo_i = y_i - r_i / (1 - hat_ii)
+            loo = ops.index(yc, rows) - (alpha * h_rows)[:, None] * (R_rows @ cb)  # centred, (m, b)
+            lm = loo.mean(0)
+            loo_mean[j0:j1] = ops.to_torch(lm + mu).float()
+            loo_std[j0:j1] = ops.to_torch(ops.sqrt(((loo - lm) ** 2).mean(0))).float()
+            del loo
+        sc = _column_scale(cb)
+        coef[:, j0:j1] = ops.to_torch(cb / sc, wdt)
+        coef_scale[j0:j1] = ops.to_torch(sc).float()
+        del cb, yc
+        if progress is not None:
+            progress(j1, T)
+    tensors.update(y_mean=y_mean, y_std=y_std, dual_coef=coef, dual_coef_scale=coef_scale)
+    if rows is not None:
+        tensors.update(loo_mean=loo_mean, loo_std=loo_std)
     return RidgeDecoder(tensors, alpha=alpha, n_train=n)
 
 

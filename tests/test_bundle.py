@@ -33,7 +33,7 @@ def test_round_trip_manifest_and_lazy_decoders(rng, tmp_path):
     assert b.subject_info(2)["n_voxels"] == 9 and b.subject_info(2)["n_train"] == 20
     assert b.train_feature_norm(1, "vdvae") == 2.5
     m = b.manifest
-    assert m["format_version"] == 1 and "torch" in m["packages"] and m["subjects"]["1"]["decoders"]["vdvae"]["alpha"] == 3.0
+    assert m["format_version"] == 2 and "torch" in m["packages"] and m["subjects"]["1"]["decoders"]["vdvae"]["alpha"] == 3.0
     assert set(m["files"]) == {"models/w.bin", "subj01_vdvae.safetensors", "subj01_clip_text.safetensors",
                                "subj02_vdvae.safetensors", "subj02_clip_text.safetensors"}
     assert b.models["vdvae"]["path"] == str((out / "models/w.bin").resolve())
@@ -157,3 +157,25 @@ def test_clip_location_prefers_the_clip_reference_then_versatile_diffusion(rng, 
         == "/models/vd"
     assert load_bundle(save_bundle(tmp_path / "c", {1: s1}, feature_shapes=SHAPES,
                                    models={"vdvae": {"path": "/models/v.th"}})).clip_location() is None
+
+
+def test_dual_decoders_round_trip_and_format_1_bundles_still_read(rng, tmp_path):
+    """Format 2 adds the dual form (recorded as 'form'); a format-1 bundle (primal weights) reads as before."""
+    X = rng.standard_normal((20, 30)).astype(np.float32)
+    Y = rng.standard_normal((20, 6)).astype(np.float32)
+    decs = {"vdvae": fit_ridge(X, Y, 3.0, backend="torch"), "clip_text": fit_ridge(X, Y, 3.0, form="primal")}
+    sub = SubjectDecoders(n_voxels=30, mask_sha256="m", decoders=decs)
+    b = load_bundle(save_bundle(tmp_path / "b", {1: sub}, feature_shapes=SHAPES))
+    info = b.manifest["subjects"]["1"]["decoders"]
+    assert (info["vdvae"]["form"], info["clip_text"]["form"]) == ("dual", "primal")
+    assert b.decoder(1, "vdvae").form == "dual"
+    # (equal to float rounding: a tensor read back from the file may sit at another alignment, and BLAS kernels
+    # choose their summation order by alignment)
+    np.testing.assert_allclose(b.decoder(1, "vdvae").predict(X[:2]), decs["vdvae"].predict(X[:2]), rtol=1e-5)
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    m["format_version"] = 1
+    for d in m["subjects"]["1"]["decoders"].values():
+        d.pop("form")
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(m))
+    np.testing.assert_allclose(load_bundle(tmp_path / "b").decoder(1, "clip_text").predict(X[:2]),
+                               decs["clip_text"].predict(X[:2]), rtol=1e-5)

@@ -120,8 +120,9 @@ def test_adding_a_subject_keeps_the_others(rng, tmp_path):
     assert b.subject_info(1)["mask_sha256"] == "m1" and b.subject_info(2)["n_train"] == 25
 
 
-def test_shared_alpha_and_a_given_factorisation_give_the_same_decoders(rng, monkeypatch):
-    """fit_decoders builds an alpha's projector once for the features sharing it, and reuses a factorisation it
+@pytest.mark.parametrize("form", ["dual", "primal"])
+def test_shared_alpha_and_a_given_factorisation_give_the_same_decoders(rng, monkeypatch, form):
+    """fit_decoders builds an alpha's operators once for the features sharing it, and reuses a factorisation it
     is given: the decoders' tensors must be bit-for-bit those of separate fit_ridge calls on a fresh one."""
     from brain_diffuser_core.ridge import RidgeFactorisation
 
@@ -130,18 +131,18 @@ def test_shared_alpha_and_a_given_factorisation_give_the_same_decoders(rng, monk
              "clip_vision": rng.standard_normal((40, 3, 2))}
     alphas = {"vdvae": 30.0, "clip_text": 30.0, "clip_vision": 5.0}
     built = []
-    real = RidgeFactorisation._alpha_operators
-    monkeypatch.setattr(RidgeFactorisation, "_alpha_operators",
-                        lambda self, a, rows, need: built.append(a) or real(self, a, rows, need))
+    name_of = "_dual_operators" if form == "dual" else "_alpha_operators"
+    real = getattr(RidgeFactorisation, name_of)
+    monkeypatch.setattr(RidgeFactorisation, name_of, lambda self, a, *rest: built.append(a) or real(self, a, *rest))
     fact = factorise(X, backend="torch")
     decs, _, _ = fit_decoders(X, feats, alphas=alphas, backend="torch", loo_stats=12, n_targets_batch=4,
-                              factorisation=fact)
-    assert sorted(built) == [5.0, 30.0]  # one projector per distinct alpha
+                              factorisation=fact, form=form)
+    assert sorted(built) == [5.0, 30.0]  # one set of operators per distinct alpha
     assert fact._operators is None  # the cache is dropped afterwards
     for name, val in feats.items():
         ref = fit_ridge(factorise(X, backend="torch"), val.reshape(40, -1), alphas[name], backend="torch",
-                        loo_stats=12, n_targets_batch=4)
-        assert set(decs[name].tensors) == set(ref.tensors)
+                        loo_stats=12, n_targets_batch=4, form=form)
+        assert decs[name].form == form and set(decs[name].tensors) == set(ref.tensors)
         for k, t in ref.tensors.items():
             assert torch.equal(decs[name].tensors[k], t), (name, k)
     with pytest.raises(ValueError, match="factorisation"):

@@ -55,13 +55,15 @@ def test_matches_sklearn_ridge_more_samples_than_features(rng):
     np.testing.assert_allclose(dec.predict(Xt, rescale="none"), ref.predict(Xt), rtol=1e-3, atol=1e-3)
 
 
-def test_float16_storage_keeps_small_weights(rng):
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_float16_storage_keeps_small_weights(rng, form):
     X, Y = _data(rng)
     Y = Y * 1e-5  # weights ~1e-6: would underflow float16 without the per-column scale
     Xt = rng.standard_normal((5, X.shape[1])).astype(np.float32) + 3.0
     W, b = _closed_form(X, Y, 5.0)
-    dec = fit_ridge(X, Y, 5.0, backend="torch")
-    assert dec.tensors["weight"].dtype == torch.float16
+    dec = fit_ridge(X, Y, 5.0, backend="torch", form=form)
+    assert dec.form == form and dec.weight_dtype == "float16"
+    assert dec.tensors["weight" if form == "primal" else "dual_coef"].dtype == torch.float16
     ref = Xt @ W + b
     got = dec.predict(Xt, rescale="none")
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref - b).max()
@@ -82,11 +84,11 @@ def test_batching_and_target_sources_are_equivalent(rng, tmp_path):
                   n_targets_batch=5, dtype="float32"),
     ]
     assert calls == [(0, 5), (5, 10), (10, 11)]
+    assert ref.form == "dual"  # n 40 < p 60
     for dec in variants:
-        for k in ("weight", "y_mean", "y_std", "loo_mean", "loo_std"):
-            torch.testing.assert_close(dec.tensors[k] * (dec.tensors["weight_scale"] if k == "weight" else 1),
-                                       ref.tensors[k] * (ref.tensors["weight_scale"] if k == "weight" else 1),
-                                       rtol=1e-5, atol=1e-6)
+        for k in ("y_mean", "y_std", "loo_mean", "loo_std"):
+            torch.testing.assert_close(dec.tensors[k], ref.tensors[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dec.dense_weight(), ref.dense_weight(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -181,7 +183,7 @@ def test_low_rank_float16_predictions_and_progress(rng):
 def test_state_dict_round_trip_through_safetensors(rng, tmp_path):
     X, Y = _data(rng)
     Xt = rng.standard_normal((4, X.shape[1])).astype(np.float32)
-    for kw in ({}, {"rank": 5}):
+    for kw in ({"form": "primal"}, {"form": "dual"}, {"rank": 5}):
         dec = fit_ridge(X, Y, 5.0, backend="torch", **kw)
         save_file(dec.state_dict(), str(tmp_path / "d.safetensors"))
         back = RidgeDecoder.from_state_dict(load_file(str(tmp_path / "d.safetensors")))
@@ -262,3 +264,53 @@ def test_kernel_factorisation_gives_the_eigh_fit(rng, backend):
         choose_alpha(kern, Y, [1.0, 10.0])
     with pytest.raises(ValueError, match="'method' must be one of"):
         factorise(X, method="svd")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("method", ["kernel", "eigh"])
+def test_dual_form_is_the_ridge_solution(rng, backend, method):
+    """The whitened dual factors (W = G^T C) against the float64 closed form, refitting for the leave-one-out
+    statistics, and the primal form; "auto" picks dual exactly when n < p."""
+    X, Y = _data(rng, n=30, p=45, t=6)
+    Xt = rng.standard_normal((7, 45)).astype(np.float32) + 3.0
+    fact = factorise(X, backend=backend, method=method)
+    dual = fit_ridge(fact, Y, 6.0, form="dual", dtype="float32")
+    primal = fit_ridge(fact, Y, 6.0, form="primal", dtype="float32")
+    assert (dual.form, primal.form, fit_ridge(fact, Y, 6.0).form) == ("dual", "primal", "dual")
+    assert dual.tensors["dual_coef"].shape == (30, 6) and dual.tensors["dual_x"].shape == (30, 45)
+    W, b = _closed_form(X, Y, 6.0)
+    np.testing.assert_allclose(dual.dense_weight().numpy(), W, rtol=2e-3, atol=2e-4 * np.abs(W).max())
+    np.testing.assert_allclose(dual.predict(Xt), Xt @ W + b, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(dual.predict(Xt), primal.predict(Xt), rtol=1e-4, atol=1e-4)
+    loo = _brute_loo(X, Y, 6.0)
+    np.testing.assert_allclose(dual.tensors["loo_mean"].numpy(), loo.mean(0), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(dual.tensors["loo_std"].numpy(), loo.std(0), rtol=1e-3)
+    sub_d, sub_p = (fit_ridge(fact, Y, 6.0, form=f, loo_stats=12) for f in ("dual", "primal"))
+    np.testing.assert_allclose(sub_d.tensors["loo_std"].numpy(), sub_p.tensors["loo_std"].numpy(), rtol=1e-4)
+    X2, Y2 = _data(rng, n=60, p=20, t=3)
+    assert fit_ridge(X2, Y2, 6.0, backend=backend).form == "primal"  # n > p: the primal weights are smaller
+    with pytest.raises(ValueError, match="'form' must be one of"):
+        fit_ridge(fact, Y, 6.0, form="kernel")
+
+
+def test_dual_float16_is_as_accurate_as_primal_at_small_alpha(rng):
+    """Plain dual coefficients (K + alpha I)^-1 Yc lose float16 precision to cancellation at small alpha; the
+    whitened factors keep the error at float16 rounding, within a few times the primal weights'."""
+    n, p, t = 300, 500, 40
+    Z = rng.standard_normal((n + 50, 30))
+    X = ((Z * np.arange(1, 31) ** -0.5) @ rng.standard_normal((30, p)) + rng.standard_normal((n + 50, p)))
+    Y = Z[:, :10] @ rng.standard_normal((10, t)) + 0.5 * rng.standard_normal((n + 50, t))
+    X, Y = X.astype(np.float32), Y.astype(np.float32)
+    fact = factorise(X[:n], backend="torch", method="kernel")
+    alpha = 1.0  # far below the kernel's noise eigenvalues (~p)
+    exact = fit_ridge(fact, Y[:n], alpha, form="primal", dtype="float32").predict(X[n:])
+    err = {f: np.abs(fit_ridge(fact, Y[:n], alpha, form=f).predict(X[n:]) - exact).max() / exact.std()
+           for f in ("primal", "dual")}
+    # the unwhitened dual coefficients, rounded to float16 per column, for contrast
+    D = np.linalg.inv(fact.K.numpy().astype(np.float64) + alpha * np.eye(n))
+    A = D @ (Y[:n] - Y[:n].mean(0))
+    A16 = (A / np.abs(A).max(0)).astype(np.float16).astype(np.float64) * np.abs(A).max(0)
+    plain = (X[n:] - X[:n].mean(0)) @ fact.Xc.numpy().T.astype(np.float64) @ A16 + Y[:n].mean(0)
+    err_plain = np.abs(plain - exact).max() / exact.std()
+    assert err["dual"] < 5e-3 and err["dual"] < 6 * err["primal"]
+    assert err_plain > 3 * err["dual"]

@@ -59,6 +59,7 @@ class FitJob:
     masks: dict[int, str] = field(default_factory=dict)
     rank: int | None = None
     dtype: str = "float16"
+    form: str = "auto"
     backend: str = "auto"
     loo_stats: bool | int = True
     n_targets_batch: int = 4096
@@ -77,7 +78,7 @@ class FitJob:
         return {"nsd_root": self.nsd_root, "features_folder": self.features, "features_files": self.stamp,
                 "subjects": list(self.subjects), "masks": {str(s): m for s, m in sorted(self.masks.items())},
                 "features": list(self.names), "alphas": dict(sorted(self.alphas.items())), "rank": self.rank,
-                "dtype": self.dtype, "backend": self.backend, "loo_stats": self.loo_stats,
+                "dtype": self.dtype, "form": self.form, "backend": self.backend, "loo_stats": self.loo_stats,
                 "n_targets_batch": self.n_targets_batch}
 
     def items(self) -> list[Item]:
@@ -110,7 +111,7 @@ class _FitWorker:
             decoders, norms, shapes = fit_decoders(
                 sub.train_fmri, _store_sources(self.store, job.names, ids), alphas=job.alphas, rank=job.rank,
                 dtype=job.dtype, backend=job.backend, loo_stats=job.loo_stats, n_targets_batch=job.n_targets_batch,
-                progress=job.progress)
+                progress=job.progress, form=job.form)
             # no safetensors metadata here: it is a hash map, written in no fixed order (save_bundle adds it)
             files = {decoder_relpath(s, f): save(dec.state_dict()) for f, dec in decoders.items()}
             out.append(ItemOutput(it.key, files, {

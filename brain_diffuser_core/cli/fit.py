@@ -71,6 +71,7 @@ def fit_decoders(
     n_targets_batch: int = 4096,
     progress: bool = False,
     factorisation=None,
+    form: str = "auto",
 ) -> tuple[dict, dict[str, float], dict[str, tuple[int, ...]]]:
     """Fit one ridge decoder per feature from ``train_fmri`` (n, n_voxels) sharing one factorisation.
 
@@ -83,7 +84,8 @@ def fit_decoders(
     ``rank`` is set). ``factorisation``: a :class:`~brain_diffuser_core.ridge.RidgeFactorisation` of this
     ``train_fmri`` (as ``factorise(train_fmri, backend=backend)`` returns it, e.g. the one an alpha search already
     made) to reuse instead of factorising again; the decoders are then the same. Features sharing an alpha share
-    its projector.
+    its projector. ``form``: how full weights are stored (:func:`~brain_diffuser_core.ridge.fit_ridge`; "auto":
+    the whitened dual form when there are fewer train images than voxels, as in NSD).
     """
     from ..ridge import factorise
 
@@ -109,10 +111,11 @@ def fit_decoders(
                              f"shape {X.shape}")
     # the projector of an alpha is O(p n^2): build it once when several features use that alpha
     with fact.reusing_operators() if len(set(alphas.values())) < len(alphas) else contextlib.nullcontext():
-        return _fit_sources(fact, sources, alphas, n, rank, dtype, loo_stats, n_targets_batch, progress)
+        return _fit_sources(fact, sources, alphas, n, rank, dtype, loo_stats, n_targets_batch, progress, form)
 
 
-def _fit_sources(fact, sources: dict, alphas: dict, n: int, rank, dtype, loo_stats, n_targets_batch, progress):
+def _fit_sources(fact, sources: dict, alphas: dict, n: int, rank, dtype, loo_stats, n_targets_batch, progress,
+                 form="auto"):
     from ..ridge import fit_ridge
 
     decoders, norms, shapes = {}, {}, {}
@@ -139,7 +142,8 @@ def _fit_sources(fact, sources: dict, alphas: dict, n: int, rank, dtype, loo_sta
 
         try:
             decoders[name] = fit_ridge(fact, Y, alphas[name], n_targets=src.n_targets, rank=rank, dtype=dtype,
-                                       loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=report)
+                                       loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=report,
+                                       form=form)
         finally:
             if bar is not None:
                 bar.close()
@@ -181,6 +185,7 @@ def fit_subject_bundle(
     n_targets_batch: int = 4096,
     progress: bool = False,
     factorisation=None,
+    form: str = "auto",
 ) -> Path:
     """Fit ``feature_names`` for a loaded subject (an ``nsd.Subject`` or anything with ``subject``,
     ``train_fmri``, ``train_image_ids``, ``n_voxels``, ``mask_sha256``) from a FeatureStore; write or update
@@ -193,6 +198,7 @@ def fit_subject_bundle(
     decoders, norms, shapes = fit_decoders(
         subject_obj.train_fmri, sources, alphas=alphas, rank=rank, dtype=dtype, backend=backend,
         loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=progress, factorisation=factorisation,
+        form=form,
     )
     out = Path(out)
     if (out / "manifest.json").exists():  # save_bundle(update=True) keeps the subject's other decoders
@@ -255,6 +261,7 @@ def _run(args: argparse.Namespace) -> int:
             del subject
         return FitJob(nsd_root=str(Path(args.nsd_root).resolve()), features=str(Path(args.features).resolve()),
                       subjects=subjects, names=names, alphas=alphas, masks=masks, rank=args.rank, dtype=args.dtype,
+                      form=args.form,
                       backend=args.backend, loo_stats=loo, n_targets_batch=args.batch,
                       cache_dir=args.cache_dir and str(Path(args.cache_dir).resolve()),
                       threads=worker_threads(args), progress=args.engine == "local" and not args.no_progress,
@@ -293,6 +300,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"default {PAPER.ridge_alpha('clip_vision'):g}")
     p.add_argument("--rank", type=int, default=None, help="store weights as rank-R factors (default: full)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored weight dtype")
+    p.add_argument("--form", choices=["auto", "primal", "dual"], default="auto",
+                   help="full weights as W (primal: p x targets) or as the whitened dual factors (n x p, n x targets; "
+                        "about half the arithmetic and a smaller bundle when n < p); default auto: dual when n < p")
     p.add_argument("--loo-rows", type=int, default=None,
                    help="estimate leave-one-out rescaling statistics on this many train rows (default all; 0 = none)")
     p.add_argument("--batch", type=int, default=4096, help="target columns per batch (memory)")
