@@ -11,12 +11,21 @@ With ``Xc = X - mean(X)`` (n, p) and the eigendecomposition of the kernel ``K = 
     hat matrix  H = 1 1^T / n + U diag(lam / (lam + alpha)) U^T
     leave-one-out prediction  loo_i = y_i - r_i / (1 - H_ii),   r = y - y_hat (train residuals)
 
-The kernel form suits fMRI decoding, where n (8,859 train images) < p (up to 15,724 voxels). Per alpha, the
-projector ``H = Xc^T (K + alpha I)^-1`` (p, n) is built once (O(p n^2)); the targets (up to 197,376 columns) are
-then streamed in column batches of ``n_targets_batch``, costing 2 p n flops per target for the weights
-(``W = H Yc``, one target-sized product) and 2 m n for the leave-one-out statistics on m rows (m = n by
-default; an int ``loo_stats`` samples m rows). Peak memory is O(n*p + n^2 + (n + p) * n_targets_batch) plus
-the stored weights, never the float32 p x n_targets matrix.
+The kernel form suits fMRI decoding, where n (8,859 train images) < p (up to 15,724 voxels). The targets (up
+to 197,376 columns per feature) are streamed in column batches of ``n_targets_batch``. Two forms of full
+weights (``fit_ridge(form=...)``; "auto": dual when n < p):
+
+- dual (whitened): with ``K + alpha I = L L^T`` (Cholesky, once per alpha), ``W = G^T C`` where
+  ``G = L^-1 Xc`` (n, p) and ``C = L^-1 Yc`` (n, n_targets); ``C`` costs one triangular solve, n^2 flops per
+  target, and the train residuals ``alpha (K + alpha I)^-1 Yc = alpha L^-T C`` give the leave-one-out rows.
+  Each factor carries the square root of the shrinkage, so float16 storage loses no more than the primal
+  weights do (the plain dual coefficients ``(K + alpha I)^-1 Yc`` would, at small alpha, to cancellation).
+- primal: the projector ``H = Xc^T (K + alpha I)^-1`` (p, n) is built once (O(p n^2)), then ``W = H Yc``,
+  2 p n flops per target.
+
+Both add 2 m n flops per target for the leave-one-out statistics on m rows (m = n by default; an int
+``loo_stats`` samples m rows). Peak memory is O(n*p + n^2 + (n + p) * n_targets_batch) plus the stored
+weights, never the float32 p x n_targets matrix.
 
 Two factorisations (:func:`factorise`, ``method``):
 
@@ -28,8 +37,10 @@ Two factorisations (:func:`factorise`, ``method``):
   diag((K + alpha I)^-1)`` and the hat rows ``I - alpha (K + alpha I)^-1`` the leave-one-out statistics need.
   No eigendecomposition. What :func:`fit_ridge` uses for full weights when given X itself.
 
-Storage (:class:`RidgeDecoder`): float16 (default) or float32 weights with a float32 scale per column, so
-small weights (CLIP features are ~1e-2) do not underflow float16; optionally low rank ``W ~ A @ B``. The
+Storage (:class:`~brain_diffuser_core.ridge_decoder.RidgeDecoder`; array backends in
+:mod:`~brain_diffuser_core.ridge_backends`): float16 (default) or float32 weights (or dual factors) with a
+float32 scale per column, so small weights (CLIP features are ~1e-2) do not underflow float16; optionally low
+rank ``W ~ A @ B``. The
 rank-r factors are the Frobenius-optimal ones: ``W = V M`` with ``Xc = U S V^T`` and the middle factor
 ``M = diag(s / (lam + alpha)) U^T Yc`` (n, n_targets); ``V`` has orthonormal columns, so the best rank-r
 ``W`` is ``V`` times the best rank-r ``M``. ``M M^T = diag(.) U^T (Yc Yc^T) U diag(.)`` comes from the target
@@ -56,11 +67,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .ridge_backends import BACKENDS, _get_ops, _Targets
+from .ridge_decoder import RESCALE_MODES, RidgeDecoder
 from .seeding import seed_for
 
 __all__ = [
@@ -75,211 +88,11 @@ __all__ = [
     "choose_alpha",
 ]
 
-BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch", "torch_cuda")
-RESCALE_MODES: tuple[str, ...] = ("train", "paper", "none")
 _WEIGHT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: relative threshold below which a kernel eigenvalue counts as zero (float32 arithmetic)
 _EIG_RTOL = 1e-6
 
 ProgressFn = Callable[[int, int], None]
-
-
-# --------------------------------------------------------------------------------------------- backends
-class _NumpyOps:
-    name = "numpy"
-
-    def asarray(self, a) -> np.ndarray:
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu().numpy()
-        return np.ascontiguousarray(np.asarray(a), dtype=np.float32)
-
-    def to_torch(self, a, dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        return t if dtype is None else t.to(dtype)
-
-    def eigh(self, a):
-        return np.linalg.eigh(a)
-
-    def maximum(self, a, value: float):
-        return np.maximum(a, value)
-
-    def sqrt(self, a):
-        return np.sqrt(a)
-
-    def where(self, cond, a, b):
-        return np.where(cond, a, b)
-
-    def zeros(self, shape):
-        return np.zeros(shape, dtype=np.float32)
-
-    def index(self, a, rows: np.ndarray):
-        return a[rows]
-
-    def cho_inverse(self, a):
-        """Inverse of a symmetric positive definite matrix (overwritten) through its Cholesky factor."""
-        from scipy.linalg import lapack
-
-        c, info = lapack.spotrf(a, lower=1, overwrite_a=1)
-        if info == 0:
-            c, info = lapack.spotri(c, lower=1, overwrite_c=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"Cholesky inverse failed (LAPACK info {info}): K + alpha I is not "
-                                        "positive definite in float32; use a larger alpha or method='eigh'")
-        return np.tril(c) + np.tril(c, -1).T
-
-    def diagonal(self, a):
-        return np.ascontiguousarray(np.diagonal(a))
-
-    def cholesky(self, a):
-        """Lower Cholesky factor of a symmetric positive definite matrix (overwritten)."""
-        from scipy.linalg import lapack
-
-        c, info = lapack.spotrf(a, lower=1, overwrite_a=1, clean=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"Cholesky factorisation failed (LAPACK info {info}): K + alpha I is not "
-                                        "positive definite in float32; use a larger alpha or method='eigh'")
-        return c
-
-    def solve_lower(self, L, b):
-        """L^-1 b for lower-triangular L (n, n) and b (n, k)."""
-        from scipy.linalg import solve_triangular
-
-        return solve_triangular(L, b, lower=True, check_finite=False)
-
-    def eye(self, n: int):
-        return np.eye(n, dtype=np.float32)
-
-    def diagonal_add(self, a, value: float) -> None:
-        a[np.diag_indices_from(a)] += np.float32(value)
-
-
-class _TorchOps:
-    def __init__(self, device: str):
-        self.device = torch.device(device)
-        self.name = "torch_cuda" if self.device.type == "cuda" else "torch"
-
-    def asarray(self, a) -> torch.Tensor:
-        if not isinstance(a, torch.Tensor):
-            a = torch.from_numpy(np.ascontiguousarray(np.asarray(a), dtype=np.float32))
-        return a.to(device=self.device, dtype=torch.float32)
-
-    def to_torch(self, a, dtype: torch.dtype | None = None) -> torch.Tensor:
-        # cast on the device first: a float16 block crosses to the host at half the bytes
-        return (a.detach() if dtype is None else a.detach().to(dtype)).cpu()
-
-    def eigh(self, a):
-        return torch.linalg.eigh(a)
-
-    def maximum(self, a, value: float):
-        return torch.clamp(a, min=value)
-
-    def sqrt(self, a):
-        return torch.sqrt(a)
-
-    def where(self, cond, a, b):
-        return torch.where(cond, a, b)
-
-    def zeros(self, shape):
-        return torch.zeros(shape, dtype=torch.float32, device=self.device)
-
-    def index(self, a, rows: np.ndarray):
-        return a[torch.as_tensor(rows, device=self.device)]
-
-    def cho_inverse(self, a):
-        """Inverse of a symmetric positive definite matrix through its Cholesky factor."""
-        L, info = torch.linalg.cholesky_ex(a)
-        if int(info) != 0:
-            raise torch.linalg.LinAlgError(f"Cholesky inverse failed (leading minor {int(info)}): K + alpha I is "
-                                           "not positive definite in float32; use a larger alpha or method='eigh'")
-        return torch.cholesky_inverse(L)
-
-    def diagonal(self, a):
-        return torch.diagonal(a).contiguous()
-
-    def cholesky(self, a):
-        """Lower Cholesky factor of a symmetric positive definite matrix."""
-        L, info = torch.linalg.cholesky_ex(a)
-        if int(info) != 0:
-            raise torch.linalg.LinAlgError(f"Cholesky factorisation failed (leading minor {int(info)}): K + alpha I "
-                                           "is not positive definite in float32; use a larger alpha or method='eigh'")
-        return L
-
-    def solve_lower(self, L, b):
-        """L^-1 b for lower-triangular L (n, n) and b (n, k)."""
-        return torch.linalg.solve_triangular(L, b, upper=False)
-
-    def eye(self, n: int):
-        return torch.eye(n, dtype=torch.float32, device=self.device)
-
-    def diagonal_add(self, a, value: float) -> None:
-        a.diagonal().add_(float(value))
-
-
-def _get_ops(backend: str):
-    if backend not in BACKENDS:
-        raise ValueError(f"'backend' must be one of {list(BACKENDS)}; {backend!r} was provided")
-    if backend == "auto":
-        backend = "torch_cuda" if torch.cuda.is_available() else "torch"
-    if backend == "numpy":
-        return _NumpyOps()
-    if backend == "torch_cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("'backend' is 'torch_cuda' but no CUDA device is available; use 'torch' or 'auto'")
-        return _TorchOps("cuda")
-    return _TorchOps("cpu")
-
-
-# ------------------------------------------------------------------------------------------ target source
-class _Targets:
-    """Column batches of Y from an array-like (numpy array, memmap, h5py dataset, tensor) or a callable."""
-
-    def __init__(self, Y: Any, n_samples: int, n_targets: int | None):
-        self._fn: Callable[[int, int], Any] | None = None
-        if callable(Y) and not hasattr(Y, "shape"):
-            if n_targets is None:
-                raise ValueError("'n_targets' is required when 'Y' is a callable Y(start, stop) -> (n, stop-start)")
-            self._fn = Y
-            self.n_targets = int(n_targets)
-        else:
-            shape = tuple(Y.shape)
-            if len(shape) == 1:
-                Y = np.asarray(Y).reshape(-1, 1)
-                shape = Y.shape
-            if len(shape) != 2:
-                raise ValueError(f"'Y' must be 2-D (n_samples, n_targets); shape {shape} was provided")
-            if shape[0] != n_samples:
-                raise ValueError(
-                    f"'Y' must have {n_samples} rows (one per row of X); {shape[0]} were provided"
-                )
-            self._Y = Y
-            self.n_targets = int(shape[1])
-        self.n_samples = n_samples
-
-    def get(self, start: int, stop: int):
-        """float32 (n, stop - start): numpy, or a torch tensor left on its device (a GPU source stays there)."""
-        if self._fn is not None:
-            block = self._fn(start, stop)
-        else:
-            block = self._Y[:, start:stop]
-        if isinstance(block, torch.Tensor):
-            block = block.detach().float()
-            finite = bool(torch.isfinite(block).all())
-        else:
-            block = np.asarray(block, dtype=np.float32)
-            finite = bool(np.all(np.isfinite(block)))
-        if tuple(block.shape) != (self.n_samples, stop - start):
-            raise ValueError(
-                f"'Y' batch [{start}:{stop}] must have shape {(self.n_samples, stop - start)}; "
-                f"{tuple(block.shape)} was provided"
-            )
-        if not finite:
-            raise ValueError(f"'Y' batch [{start}:{stop}] contains NaN or infinite values")
-        return block
-
-    def batches(self, batch: int):
-        for start in range(0, self.n_targets, batch):
-            stop = min(start + batch, self.n_targets)
-            yield start, stop, self.get(start, stop)
 
 
 # ---------------------------------------------------------------------------------------- factorisation
@@ -500,167 +313,6 @@ def _loo_rows(n: int, loo_stats: bool | int) -> np.ndarray | None:
         return np.arange(n)
     rng = np.random.default_rng(seed_for("ridge_loo_rows", n, m))
     return np.sort(rng.choice(n, size=m, replace=False))
-
-
-# ------------------------------------------------------------------------------------------------ decoder
-class RidgeDecoder:
-    """A fitted ridge decoder: X (n, p) -> predictions (n, n_targets), weights stored compactly.
-
-    Tensors (all CPU torch): ``x_mean`` (p,), ``y_mean``/``y_std`` (n_targets,) train target mean/std
-    (ddof 0), ``loo_mean``/``loo_std`` (n_targets,) leave-one-out train prediction mean/std (absent if fitted
-    with ``loo_stats=False``), and the weights in one of three forms (:attr:`form`):
-
-    - ``"primal"``: ``weight`` (p, n_targets) with ``weight_scale`` (n_targets,); ``W = weight * scale``;
-    - ``"lowrank"``: ``factor_a`` (p, r) with ``factor_a_scale`` (r,) and ``factor_b`` (r, n_targets) with
-      ``factor_b_scale`` (n_targets,); ``W ~ A @ B``;
-    - ``"dual"``: ``dual_x`` (n_train, p) with ``dual_x_scale`` (n_train,), the centred training X, and
-      ``dual_coef`` (n_train, n_targets) with ``dual_coef_scale`` (n_targets,); ``W = Xc^T A`` is never
-      formed: a prediction is ``((X - x_mean) Xc^T) A + y_mean``. Smaller and cheaper to fit than ``"primal"``
-      when n_train < p (NSD: 8,859 trials < 12,682-15,724 voxels).
-
-    Stored weights are float16 or float32; scales are float32 (per column, or per training row for ``dual_x``).
-    """
-
-    _FORM_TENSORS = {
-        "primal": ("weight", "weight_scale"),
-        "lowrank": ("factor_a", "factor_a_scale", "factor_b", "factor_b_scale"),
-        "dual": ("dual_x", "dual_x_scale", "dual_coef", "dual_coef_scale"),
-    }
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], alpha: float, n_train: int):
-        self.tensors = {k: v.detach().cpu() for k, v in tensors.items()}
-        self.alpha = float(alpha)
-        self.n_train = int(n_train)
-        form = "dual" if "dual_coef" in self.tensors else "lowrank" if "factor_a" in self.tensors else "primal"
-        need = ["x_mean", "y_mean", "y_std", *self._FORM_TENSORS[form]]
-        missing = [k for k in need if k not in self.tensors]
-        if missing:
-            raise ValueError(f"ridge decoder state is missing tensors {missing}")
-        self.form = form
-        p, t = self.n_features, self.n_targets
-        expect = {"x_mean": (p,), "y_mean": (t,), "y_std": (t,), "loo_mean": (t,), "loo_std": (t,)}
-        if form == "lowrank":
-            r = self.rank
-            expect.update(factor_a=(p, r), factor_a_scale=(r,), factor_b=(r, t), factor_b_scale=(t,))
-        elif form == "dual":
-            m = self.n_train
-            expect.update(dual_x=(m, p), dual_x_scale=(m,), dual_coef=(m, t), dual_coef_scale=(t,))
-        else:
-            expect.update(weight=(p, t), weight_scale=(t,))
-        for k, shp in expect.items():
-            if k in self.tensors and tuple(self.tensors[k].shape) != shp:
-                raise ValueError(
-                    f"ridge decoder tensor {k!r} must have shape {shp}; {tuple(self.tensors[k].shape)} was found"
-                )
-
-    # -- shape info
-    @property
-    def n_features(self) -> int:
-        return int(self.tensors["x_mean"].shape[0])
-
-    @property
-    def n_targets(self) -> int:
-        return int(self.tensors["y_mean"].shape[0])
-
-    @property
-    def rank(self) -> int | None:
-        return int(self.tensors["factor_a"].shape[1]) if "factor_a" in self.tensors else None
-
-    @property
-    def has_loo_stats(self) -> bool:
-        return "loo_mean" in self.tensors
-
-    @property
-    def weight_dtype(self) -> str:
-        t = self.tensors[self._FORM_TENSORS[self.form][0]]
-        return str(t.dtype).replace("torch.", "")
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(t.numel() * t.element_size() for t in self.tensors.values()))
-
-    # -- (de)serialisation
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain contiguous CPU tensors (safetensors-ready); alpha and n_train as 1-element float64/int64."""
-        out = {k: v.contiguous() for k, v in self.tensors.items()}
-        out["alpha"] = torch.tensor([self.alpha], dtype=torch.float64)
-        out["n_train"] = torch.tensor([self.n_train], dtype=torch.int64)
-        return out
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "RidgeDecoder":
-        for key in ("alpha", "n_train"):
-            if key not in state:
-                raise ValueError(f"ridge decoder state is missing {key!r}")
-        tensors = {k: v for k, v in state.items() if k not in ("alpha", "n_train")}
-        return cls(tensors, alpha=float(state["alpha"].reshape(-1)[0]), n_train=int(state["n_train"].reshape(-1)[0]))
-
-    def dense_weight(self) -> torch.Tensor:
-        """The float32 weight matrix (p, n_targets). Materialises it: for tests and small decoders only."""
-        t = self.tensors
-        if self.form == "primal":
-            return t["weight"].float() * t["weight_scale"]
-        if self.form == "dual":
-            return self._dual_x(torch.device("cpu")).T @ (t["dual_coef"].float() * t["dual_coef_scale"])
-        return (t["factor_a"].float() * t["factor_a_scale"]) @ (t["factor_b"].float() * t["factor_b_scale"])
-
-    def _dual_x(self, dev: torch.device) -> torch.Tensor:
-        """(n_train, p) float32 centred training X of a dual-form decoder, on ``dev``."""
-        t = self.tensors
-        return t["dual_x"].to(dev).float() * t["dual_x_scale"].to(dev)[:, None]
-
-    # -- prediction
-    def predict(self, X, rescale: str = "none", *, n_targets_batch: int = 4096, device: str = "cpu") -> np.ndarray:
-        """Predict targets for X (m, p). Returns float32 numpy (m, n_targets).
-
-        ``rescale``: ``"none"`` (default: the plain ridge prediction ``(X - x_mean) W + y_mean``), ``"train"``
-        (leave-one-out train statistics; no test peeking) or ``"paper"`` (z-score across this batch of
-        predictions, as in the original scripts). Callers that rescale say so (the pipeline does).
-        """
-        if rescale not in RESCALE_MODES:
-            raise ValueError(f"'rescale' must be one of {list(RESCALE_MODES)}; {rescale!r} was provided")
-        if rescale == "train" and not self.has_loo_stats:
-            raise ValueError("rescale='train' needs leave-one-out statistics; this decoder was fitted with loo_stats=False")
-        Xt = torch.as_tensor(np.asarray(X, dtype=np.float32) if not isinstance(X, torch.Tensor) else X)
-        if Xt.ndim == 1:
-            Xt = Xt[None]
-        if Xt.ndim != 2 or Xt.shape[1] != self.n_features:
-            raise ValueError(
-                f"'X' must have shape (n_samples, {self.n_features}) (one column per voxel); "
-                f"{tuple(Xt.shape)} was provided"
-            )
-        dev = torch.device(device)
-        t = self.tensors
-        Xc = (Xt.to(dev, torch.float32) - t["x_mean"].to(dev))
-        m, T = Xc.shape[0], self.n_targets
-        out = np.empty((m, T), dtype=np.float32)
-        if self.form == "lowrank":
-            Z, right, right_scale = (Xc @ (t["factor_a"].to(dev).float() * t["factor_a_scale"].to(dev)),
-                                     t["factor_b"], t["factor_b_scale"])
-        elif self.form == "dual":
-            Z, right, right_scale = Xc @ self._dual_x(dev).T, t["dual_coef"], t["dual_coef_scale"]  # Z: (m, n_train)
-        else:
-            Z, right, right_scale = Xc, t["weight"], t["weight_scale"]
-        for j0 in range(0, T, n_targets_batch):
-            j1 = min(j0 + n_targets_batch, T)
-            pred = (Z @ right[:, j0:j1].to(dev).float()) * right_scale[j0:j1].to(dev)
-            pred = pred + t["y_mean"][j0:j1].to(dev)
-            out[:, j0:j1] = pred.cpu().numpy()
-        return self._rescale(out, rescale)
-
-    def _rescale(self, pred: np.ndarray, rescale: str) -> np.ndarray:
-        if rescale == "none":
-            return pred
-        y_mean = self.tensors["y_mean"].numpy()
-        y_std = self.tensors["y_std"].numpy()
-        if rescale == "train":
-            mu, sd = self.tensors["loo_mean"].numpy(), self.tensors["loo_std"].numpy()
-        else:
-            if pred.shape[0] < 2:
-                raise ValueError("rescale='paper' z-scores across the predicted batch and needs >= 2 rows; 1 was provided")
-            mu, sd = pred.mean(0), pred.std(0)
-        sd = np.where(sd > 0, sd, 1.0).astype(np.float32)
-        return ((pred - mu) / sd * y_std + y_mean).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------- fit

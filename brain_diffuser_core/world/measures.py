@@ -39,7 +39,9 @@ CONTRAST_SIGMA_DEG = 0.15
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def _check_images(images, what: str = "images") -> np.ndarray:
+def as_uint8_batch(images, what: str = "images") -> np.ndarray:
+    """One image (H, W, 3) or a batch (n, H, W, 3) of uint8 RGB as a batch (n, H, W, 3); a clear error naming
+    ``what`` otherwise."""
     a = np.asarray(images)
     if a.ndim == 3 and a.shape[-1] == 3:
         a = a[None]
@@ -53,7 +55,7 @@ def to_world_size(images, size: int = IMAGE_SIZE) -> np.ndarray:
     """uint8 (n, H, W, 3) -> uint8 (n, size, size, 3), bicubic (antialiased when shrinking; PIL)."""
     from PIL import Image
 
-    a = _check_images(images)
+    a = as_uint8_batch(images)
     if a.shape[1:3] == (size, size):
         return a.copy()
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in a])
@@ -67,7 +69,7 @@ def hf_energy_fraction(images, cutoff_cpd: float = HF_CUTOFF_CPD, field_deg: flo
     coefficient in cycles per image is divided by ``field_deg``. Returns float32 (n,) in [0, 1]: power above
     the cutoff over all non-DC power; 0 for a flat image (no power at all).
     """
-    a = _check_images(images).astype(np.float32) / 255.0
+    a = as_uint8_batch(images).astype(np.float32) / 255.0
     n, h, w, _ = a.shape
     grey = a @ _GREY
     grey = grey - grey.mean(axis=(1, 2), keepdims=True)
@@ -88,7 +90,7 @@ def colourfulness(images) -> np.ndarray:
     ``rg = R - G``, ``yb = (R + G) / 2 - B`` on 0-255 values;
     ``M = sqrt(std_rg^2 + std_yb^2) + 0.3 * sqrt(mean_rg^2 + mean_yb^2)``.
     """
-    a = _check_images(images).astype(np.float32)
+    a = as_uint8_batch(images).astype(np.float32)
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     rg = (r - g).reshape(len(a), -1)
     yb = (0.5 * (r + g) - b).reshape(len(a), -1)
@@ -99,7 +101,7 @@ def colourfulness(images) -> np.ndarray:
 
 def _contrast_energy(images, field_deg: float, sigma_deg: float) -> tuple[np.ndarray, np.ndarray]:
     """Local contrast energy float32 (n, h, w) and each pixel's eccentricity in degrees (h, w)."""
-    a = _check_images(images).astype(np.float32) / 255.0
+    a = as_uint8_batch(images).astype(np.float32) / 255.0
     n, h, w, _ = a.shape
     grey = a @ _GREY
     from scipy import ndimage

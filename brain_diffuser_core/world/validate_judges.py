@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..seeding import seed_for
-from .measures import _check_images, to_world_size
+from .measures import as_uint8_batch, to_world_size
 from .scenes import CATEGORIES, IMAGE_SIZE, Scene
 
 __all__ = [
@@ -216,7 +216,7 @@ class ClipJudge:
     @classmethod
     def fit(cls, embed: Callable[[np.ndarray], np.ndarray], images, labels: Sequence[str]) -> "ClipJudge":
         labels = list(labels)
-        imgs = _check_images(images)
+        imgs = as_uint8_batch(images)
         if len(labels) != len(imgs):
             raise ValueError(f"'labels' must hold one category per image ({len(imgs)}); {len(labels)} were provided")
         cats = [c for c in CATEGORIES if c in set(labels)] + sorted(set(labels) - set(CATEGORIES))
@@ -226,7 +226,7 @@ class ClipJudge:
         return cls(embed, cls._unit(centroids), cats)
 
     def classify(self, images) -> list[str]:
-        e = self._unit(self.embed(_check_images(images)))
+        e = self._unit(self.embed(as_uint8_batch(images)))
         return [self.categories[i] for i in np.argmax(e @ self.centroids.T, axis=1)]
 
 
