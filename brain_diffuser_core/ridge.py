@@ -317,8 +317,13 @@ def _loo_rows(n: int, loo_stats: bool | int) -> np.ndarray | None:
 
 # --------------------------------------------------------------------------------------------------- fit
 def _column_scale(w) -> Any:
-    """Per-column max |w| (1 where a column is all zero), so that w / scale lies in [-1, 1]."""
-    s = w.abs().amax(0) if isinstance(w, torch.Tensor) else np.abs(w).max(0)
+    """Per-column max |w| (1 where a column is all zero), so that w / scale lies in [-1, 1]. As max(max, -min):
+    no temporary of w's size (on these CPUs 1.6 ms for 886 x 4,096 against 2.6 ms for abs().amax(0) and 14 ms
+    for torch.linalg.vector_norm(ord=inf))."""
+    if isinstance(w, torch.Tensor):
+        s = torch.maximum(w.amax(0), -w.amin(0))
+    else:
+        s = np.maximum(w.max(0), -w.min(0))
     return s + (s == 0)
 
 
@@ -435,7 +440,8 @@ def fit_ridge(
         if rank is None:
             wb = proj @ yc  # (p, b)
             sc = _column_scale(wb)
-            weight[:, j0:j1] = ops.to_torch(wb / sc, wdt)
+            wb /= sc  # in place: wb is this batch's own array
+            weight[:, j0:j1] = ops.to_torch(wb, wdt)
             weight_scale[j0:j1] = ops.to_torch(sc).float()
             del wb
         else:
@@ -518,7 +524,8 @@ def _fit_dual(fact: RidgeFactorisation, targets: "_Targets", alpha: float, rows:
             loo_std[j0:j1] = ops.to_torch(ops.sqrt(((loo - lm) ** 2).mean(0))).float()
             del loo
         sc = _column_scale(cb)
-        coef[:, j0:j1] = ops.to_torch(cb / sc, wdt)
+        cb /= sc  # in place: cb is this batch's own array
+        coef[:, j0:j1] = ops.to_torch(cb, wdt)
         coef_scale[j0:j1] = ops.to_torch(sc).float()
         del cb, yc
         if progress is not None:
