@@ -577,7 +577,12 @@ class Observer:
             raise ValueError(f"'scenes' features must have shape (n_scenes, {expected}); {feats.shape} was found")
         n = feats.shape[0]
         t = self.tuning
-        drive = feats.reshape(n, -1).astype(np.float32, copy=False) @ self._W
+        # accumulated in float64, then rounded: a float32 GEMM's last bits depend on the batch's shape and the
+        # BLAS kernel the CPU takes (AMD vs Intel, thread count), and each row must be the same number whether
+        # it is computed alone, per trial, or once per image in a batch (the world build relies on it)
+        if getattr(self, "_W64", None) is None:
+            self._W64 = self._W.astype(np.float64)
+        drive = (feats.reshape(n, -1).astype(np.float64) @ self._W64).astype(np.float32)
         z = (drive - self._drive_mean) / self._drive_std
         out = t.baseline + (t.gain * t.visibility) * z
         if not noise:
