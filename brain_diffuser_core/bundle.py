@@ -51,8 +51,8 @@ from .config import FEATURE_NAMES
 from .io import atomic_dir, sha256_file
 from .ridge import RidgeDecoder
 
-__all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "BundleError", "SubjectDecoders", "Bundle", "save_bundle", "load_bundle",
-           "decoder_filename"]
+__all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "BundleError", "SubjectDecoders", "Bundle", "save_bundle",
+           "load_bundle", "decoder_filename"]
 
 #: what this code writes; 2 added the dual-form decoders (``form`` in the manifest)
 FORMAT_VERSION = 2

@@ -535,6 +535,7 @@ class Observer:
         wc = t.weights * _channel_scale()[None, :]
         W = (wc[:, :, None] * prf[:, None, :]).reshape(self.n_voxels, -1)  # (n_voxels, C*G*G)
         self._W = np.ascontiguousarray(W.T.astype(np.float32))  # (C*G*G, n_voxels)
+        self._W64 = self._W.astype(np.float64)  # what responses() accumulates with (see there)
         ref = _reference_features().reshape(_N_REFERENCE, -1) @ self._W
         self._drive_mean = ref.mean(0).astype(np.float32)
         std = ref.std(0)
@@ -580,8 +581,6 @@ class Observer:
         # accumulated in float64, then rounded: a float32 GEMM's last bits depend on the batch's shape and the
         # BLAS kernel the CPU takes (AMD vs Intel, thread count), and each row must be the same number whether
         # it is computed alone, per trial, or once per image in a batch (the world build relies on it)
-        if getattr(self, "_W64", None) is None:
-            self._W64 = self._W.astype(np.float64)
         drive = (feats.reshape(n, -1).astype(np.float64) @ self._W64).astype(np.float32)
         z = (drive - self._drive_mean) / self._drive_std
         out = t.baseline + (t.gain * t.visibility) * z
