@@ -14,7 +14,7 @@ import pytest
 
 from ray_cluster import ROOT, in_own_netns
 
-SWEEP = ["--patterns", "V1", "--subjects", "1,average", "--seeds", "3", "--shard-size", "1"]
+SWEEP = ["--patterns", "V1", "--subjects", "1,average", "--seeds", "4", "--shard-size", "1"]
 
 
 def _netns_available() -> str | None:
@@ -39,12 +39,12 @@ def test_a_two_node_cluster_survives_a_lost_node_and_a_lost_driver_and_matches_l
     from brain_diffuser_core.__main__ import main
 
     bundle, world, cache = batch_sources
-    args = ["sweep", "--bundle", bundle, "--nsd-root", world, "--cache-dir", cache, "--steps", "4",
+    args = ["sweep", "--bundle", bundle, "--nsd-root", world, "--cache-dir", cache, "--steps", "16",
             "--threads", "1", *SWEEP]
     local = tmp_path / "local"
     assert main([*args, "--out", str(local), "--no-progress"]) == 0
     n_items = len(_index(local))
-    assert n_items == 6
+    assert n_items == 8
 
     spec = {"tmp": str(tmp_path / "ray"), "sweep_args": args, "local": str(local),
             "result": str(tmp_path / "report.json")}
@@ -54,7 +54,7 @@ def test_a_two_node_cluster_survives_a_lost_node_and_a_lost_driver_and_matches_l
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((tmp_path / "report.json").read_text())
-    print("ray scenario seconds:", rep["seconds"])
+    print("ray scenario seconds:", rep["seconds"], "done at the worker kill:", rep["done_at_kill"])
 
     # loopback only: the namespace has lo alone and every node is on 127.0.0.1
     assert [line.split()[0] for line in rep["interfaces"].splitlines()] == ["lo"]
