@@ -346,3 +346,18 @@ def test_gpus_asked_of_a_cluster_without_any_are_refused_before_anything_is_writ
     err = capsys.readouterr().err
     assert rc == 3 and "asks for 1 GPU(s) per worker (--device cuda)" in err and "has 0 GPU(s)" in err
     assert "--num-gpus" in err and not out.exists()
+
+
+def test_shards_in_flight_reaches_the_ray_engine_and_zero_is_refused():
+    """--shards-in-flight (default 2: an actor never idles waiting for the driver between shards) is what the
+    ray engine hands Ray Data's actor pool; below 1 is refused before Ray starts."""
+    import argparse
+
+    from brain_diffuser_core.cli._engine import add_engine_arguments, make_engine
+
+    p = argparse.ArgumentParser()
+    add_engine_arguments(p)
+    assert make_engine(p.parse_args(["--engine", "ray"])).shards_in_flight == 2
+    assert make_engine(p.parse_args(["--engine", "ray", "--shards-in-flight", "1"])).shards_in_flight == 1
+    with pytest.raises(ValueError, match="shards_in_flight must be >= 1, got 0"):
+        make_engine(p.parse_args(["--engine", "ray", "--shards-in-flight", "0"]))

@@ -26,6 +26,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, shard_size: int = 4) -> 
                    help="GPUs each Ray actor reserves (default: 1 for --device cuda/auto on a cluster with GPUs)")
     g.add_argument("--worker-memory-gb", type=float, default=None, metavar="GB",
                    help="host memory each Ray actor reserves (keeps big models off hosts that cannot hold them)")
+    g.add_argument("--shards-in-flight", type=int, default=2, metavar="K",
+                   help="shards handed to each Ray actor at once (2: no idle hand-over between shards; 1: best "
+                        "balance at the end of a job of few long shards)")
     g.add_argument("--ray-timeout", type=float, default=30.0, metavar="S",
                    help="seconds to wait for --ray-address to answer (30)")
     g.add_argument("--shard-size", type=int, default=shard_size, metavar="K",
@@ -53,7 +56,7 @@ def make_engine(args: argparse.Namespace):
 
     return RayEngine(args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                      gpus_per_worker=args.gpus_per_worker, memory_gb=args.worker_memory_gb,
-                     connect_timeout=args.ray_timeout)
+                     connect_timeout=args.ray_timeout, shards_in_flight=args.shards_in_flight)
 
 
 def worker_threads(args: argparse.Namespace) -> int | None:
