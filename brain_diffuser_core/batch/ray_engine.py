@@ -174,8 +174,8 @@ class RayEngine:
             remote["memory"] = int(self.memory_gb * 2**30)
         # two shards in flight per actor by default: with one, each actor idled ~0.17 s per shard waiting for the
         # driver's hand-over when two actors shared two cores with it (benchmarks/batch_scale.py, 96 one-item
-        # shards: compute-span speedup 1.37x -> 1.73x). A shard queued on an actor lost with its node is
-        # retried by Ray Data elsewhere (the worker-kill test and benchmark: 0 lost, 0 duplicated)
+        # shards: compute-span speedup 1.37x -> 1.71x). Shards queued on an actor lost with its node are
+        # retried like the running one (README: "Known cost"; the worker-kill test and benchmark: 0 lost, 0 duplicated)
         ds = ray.data.from_items([{"shard": s.index} for s in shards], override_num_blocks=len(shards))
         pool = ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=self.shards_in_flight)
         ds = ds.map_batches(
