@@ -66,17 +66,35 @@ class _NumpyOps:
                                         "positive definite in float32; use a larger alpha or method='eigh'")
         return c
 
-    def solve_lower(self, L, b):
-        """L^-1 b for lower-triangular L (n, n) and b (n, k)."""
+
+    def diagonal_add(self, a, value: float) -> None:
+        a[np.diag_indices_from(a)] += np.float32(value)
+
+    def solve_lower(self, L, b, out=None):
+        """L^-1 b for lower-triangular L (n, n) and b (n, k) (``out`` is ignored: scipy has none)."""
         from scipy.linalg import solve_triangular
 
         return solve_triangular(L, b, lower=True, check_finite=False)
 
-    def eye(self, n: int):
-        return np.eye(n, dtype=np.float32)
+    def empty(self, shape):
+        return np.empty(shape, dtype=np.float32)
 
-    def diagonal_add(self, a, value: float) -> None:
-        a[np.diag_indices_from(a)] += np.float32(value)
+    def col_mean(self, a):
+        """Column means of a (n, k) as a matrix-vector product (faster than a reduction down the columns)."""
+        return np.ones(a.shape[0], dtype=np.float32) @ a / np.float32(a.shape[0])
+
+    def sub(self, a, v, out=None):
+        """a - v[None, :], into ``out`` (same shape as a) when given."""
+        return np.subtract(a, v, out=out)
+
+    def square(self, a, out=None):
+        return np.multiply(a, a, out=out)
+
+
+    def store_scaled(self, a, factor, dest: torch.Tensor) -> None:
+        """``dest[...] = a * factor`` (factor broadcast against a: per column (k,) or per row (n, 1)) cast to
+        dest's dtype (a CPU tensor, e.g. a column block of the stored weights), in one pass."""
+        np.multiply(a, factor, out=dest.numpy(), casting="same_kind")
 
 
 class _TorchOps:
@@ -130,15 +148,37 @@ class _TorchOps:
                                            "is not positive definite in float32; use a larger alpha or method='eigh'")
         return L
 
-    def solve_lower(self, L, b):
-        """L^-1 b for lower-triangular L (n, n) and b (n, k)."""
-        return torch.linalg.solve_triangular(L, b, upper=False)
-
-    def eye(self, n: int):
-        return torch.eye(n, dtype=torch.float32, device=self.device)
 
     def diagonal_add(self, a, value: float) -> None:
         a.diagonal().add_(float(value))
+
+    def solve_lower(self, L, b, out=None):
+        """L^-1 b for lower-triangular L (n, n) and b (n, k), into ``out`` (n, k) when given."""
+        return torch.linalg.solve_triangular(L, b, upper=False, out=out)
+
+    def empty(self, shape):
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
+
+    def col_mean(self, a):
+        """Column means of a (n, k) as a matrix-vector product (on 2 CPU threads 3.5 ms for 8,859 x 4,096,
+        against 10 ms for ``a.mean(0)``)."""
+        return (torch.ones(1, a.shape[0], dtype=a.dtype, device=a.device) @ a)[0] / a.shape[0]
+
+    def sub(self, a, v, out=None):
+        """a - v[None, :], into ``out`` (same shape as a) when given."""
+        return torch.sub(a, v, out=out)
+
+    def square(self, a, out=None):
+        return torch.mul(a, a, out=out)
+
+    def store_scaled(self, a, factor, dest: torch.Tensor) -> None:
+        """``dest[...] = a * factor`` (factor broadcast against a: per column (k,) or per row (n, 1)) cast to
+        dest's dtype (a CPU tensor, e.g. a column block of the stored weights). On the CPU one fused pass: scaling, casting and the strided store apart took 290 ms
+        for 8,859 x 4,096 on 2 threads, fused 55 ms."""
+        if dest.device == self.device:
+            torch.mul(a, factor, out=dest)
+        else:  # cast on the device first: the block crosses to the host at the stored dtype's size
+            dest.copy_((a * factor).to(dest.dtype))
 
 
 def _get_ops(backend: str):
@@ -187,12 +227,16 @@ class _Targets:
             block = self._fn(start, stop)
         else:
             block = self._Y[:, start:stop]
+        # finite if the sum is (one reduction: 9 ms for 8,859 x 4,096 against 17 ms for isfinite().all()); a sum
+        # that overflows on finite values is told apart by the full check
         if isinstance(block, torch.Tensor):
             block = block.detach().float()
-            finite = bool(torch.isfinite(block).all())
+            finite = bool(torch.isfinite(block.sum())) or bool(torch.isfinite(block).all())
         else:
             block = np.asarray(block, dtype=np.float32)
-            finite = bool(np.all(np.isfinite(block)))
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = block.sum()
+            finite = bool(np.isfinite(total)) or bool(np.all(np.isfinite(block)))
         if tuple(block.shape) != (self.n_samples, stop - start):
             raise ValueError(
                 f"'Y' batch [{start}:{stop}] must have shape {(self.n_samples, stop - start)}; "

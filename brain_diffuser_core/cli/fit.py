@@ -126,7 +126,9 @@ def _fit_sources(fact, sources: dict, alphas: dict, n: int, rank, dtype, loo_sta
         def Y(start, stop, _src=src, _sq=sq, _seen=seen):
             block = np.asarray(_src.get(start, stop), dtype=np.float32)
             if not _seen[start:stop].any():  # first pass: accumulate row norms
-                _sq += (block.astype(np.float64) ** 2).sum(1)
+                # float32 row sums of one batch (8,859 x 4,096: 9 ms, 8e-7 relative) into float64 totals; the
+                # float64 copy squared took 98 ms a batch, ~8 s of a full subject's fit
+                _sq += np.einsum("ij,ij->i", block, block)
                 _seen[start:stop] = True
             return block
 
