@@ -175,10 +175,11 @@ def run_full(args, log) -> dict:
     log(f"[full x{scale}] X {syn.n} x {syn.p}, test {syn.n_test}; targets " +
         ", ".join(f"{k} {int(np.prod(v))}" for k, v in shapes.items()) + f"  (generated in {res['generate_X_s']:.1f} s)")
     res["gemm_gflops"] = gemm_gflops(args.backend)
-    res["trsm_gflops"] = trsm_gflops(args.backend)
+    res["trsm_gflops"] = trsm_gflops(args.backend, syn.n, min(args.batch, 4096))
     res["form"] = form = resolve_form(args.form, syn.n, syn.p)
     log(f"  float32 GEMM (4096^3, {torch.get_num_threads()} threads): {res['gemm_gflops']:.0f} GFLOP/s; "
-        f"triangular solve (4096^3): {res['trsm_gflops']:.0f} GFLOP/s; weights form: {form}")
+        f"triangular solve ({syn.n}^2 x {min(args.batch, 4096)}): {res['trsm_gflops']:.0f} GFLOP/s; "
+        f"weights form: {form}")
     t0 = time.perf_counter()
     fact = factorise(syn.X, backend=args.backend, method=args.method)
     res["factorise_s"] = time.perf_counter() - t0
@@ -250,19 +251,28 @@ def run_full(args, log) -> dict:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     res["peak_rss_gb"] = peak_rss_gb()
+    # the GEMM rate again after the fits: these shared machines drift by +-10% within minutes, so the fraction is
+    # given against both, and the aim is judged against the higher (the stricter) of the two
+    res["gemm_gflops_after"] = gemm_gflops(args.backend)
+    log(f"  float32 GEMM after the fits: {res['gemm_gflops_after']:.0f} GFLOP/s (before: {res['gemm_gflops']:.0f})")
+    gemm_strict = max(res["gemm_gflops"], res["gemm_gflops_after"])
     for mode in args.modes:
         res[f"target_source_{mode}_s"] = source_total[mode]
         t = fit_total[mode] - source_total[mode] + res["factorise_s"]
         total = sum(flops[mode].values())
         res[f"tflop_{mode}"] = total / 1e12
-        res[f"fraction_of_gemm_{mode}"] = total / t / (res["gemm_gflops"] * 1e9)
+        res[f"fraction_of_gemm_{mode}"] = total / t / (gemm_strict * 1e9)
+        res[f"fraction_of_gemm_before_after_{mode}"] = [total / t / (res[k] * 1e9)
+                                                        for k in ("gemm_gflops", "gemm_gflops_after")]
         res[f"fraction_of_kernel_rates_{mode}"] = kernel_bound_s(flops[mode], res["gemm_gflops"],
                                                                  res["trsm_gflops"]) / t
         log(f"  three decoders, {mode} ({mode_form(mode)}): fit {fit_total[mode]:.1f} s (+ factorise "
             f"{res['factorise_s']:.1f} s), of which {source_total[mode]:.1f} s generating the synthetic targets; "
             f"decoders {sizes[mode] / 2**30:.3f} GiB; {total / 1e12:.2f} TFLOP of arithmetic "
             f"({'dense' if mode == 'float16' else 'dense-equivalent'}; {flops[mode]['trsm'] / 1e12:.2f} of it in "
-            f"triangular solves) = {100 * res[f'fraction_of_gemm_{mode}']:.0f}% of the GEMM rate, "
+            f"triangular solves) = {100 * res[f'fraction_of_gemm_{mode}']:.0f}% of the higher GEMM rate "
+            f"({'/'.join(f'{100 * x:.0f}%' for x in res[f'fraction_of_gemm_before_after_{mode}'])} of the rate before/"
+            "after), "
             f"{100 * res[f'fraction_of_kernel_rates_{mode}']:.0f}% of the GEMM and trsm rates' bound "
             "(generation excluded)")
     if "bundle_lowrank_bytes" in res:
@@ -285,15 +295,16 @@ def run_full(args, log) -> dict:
 
 
 def gemm_gflops(backend: str = "torch", size: int = 4096) -> float:
-    """float32 GEMM rate of this machine (torch, the current thread count), best of 3, in GFLOP/s."""
+    """float32 GEMM rate of this machine (torch, the current thread count), best of 3, in GFLOP/s. Into a
+    preallocated output, as the fit's kernels write (a fresh output's page faults would lower the reference)."""
     dev = "cuda" if backend == "torch_cuda" else "cpu"
     a = torch.randn(size, size, device=dev)
     b = torch.randn(size, size, device=dev)
-    a @ b
+    out = torch.mm(a, b)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        a @ b
+        torch.mm(a, b, out=out)
         if dev == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -311,7 +322,8 @@ def fit_flops(n: int, p: int, targets: dict, m: int, method: str, form: str = "p
     Always K (2 n^2 p); "eigh" adds the eigendecomposition (counted as 4/3 n^3, its matrix-matrix share).
     primal: per alpha the Cholesky inverse (4/3 n^3, "kernel") and H (2 p n^2); per target W (2 p n).
     dual: per alpha the Cholesky factor (n^3 / 3), G = L^-1 Xc (trsm, n^2 p) and, for the leave-one-out
-    rows, L^-1 itself (trsm, n^3) ("kernel"); per target C = L^-1 Yc (trsm, n^2; "eigh": a GEMM, 2 n^2).
+    rows, those m columns of L^-1 (trsm, n^2 m) ("kernel"); per target C = L^-1 Yc (trsm, n^2; "eigh": a
+    GEMM, 2 n^2).
     Both: the leave-one-out rows, 2 m n per target."""
     g = 2.0 * n * n * p + (0 if method == "kernel" else 4 / 3 * n ** 3 + 2.0 * p * n * n)
     tr = 0.0
@@ -321,27 +333,30 @@ def fit_flops(n: int, p: int, targets: dict, m: int, method: str, form: str = "p
             g += (4 / 3 * n ** 3 if method == "kernel" else 0) + 2.0 * p * n * n + T * 2.0 * p * n
         elif method == "kernel":
             g += n ** 3 / 3
-            tr += n * n * p + (n ** 3 if m else 0) + T * float(n * n)
+            tr += n * n * p + float(n * n) * m + T * float(n * n)
         else:
             g += T * 2.0 * n * n
     return {"gemm": g, "trsm": tr}
 
 
-def trsm_gflops(backend: str = "torch", size: int = 4096) -> float:
-    """float32 triangular solve rate (L^-1 B, both size x size; n^3 flops), best of 3, in GFLOP/s."""
+def trsm_gflops(backend: str = "torch", n: int = 4096, cols: int = 4096) -> float:
+    """float32 triangular solve rate, ``L^-1 B`` with L (n, n) and B (n, cols) (n^2 cols flops), best of 3, in
+    GFLOP/s, into a preallocated output as the fit solves its target batches; the fit's own shape is the
+    meaningful one (at 4,096 x 4,096 these CPUs ran 221-236 GFLOP/s, at 8,859 x 4,096 about 330). L is any
+    well-conditioned lower triangle: the rate does not depend on its values."""
     dev = "cuda" if backend == "torch_cuda" else "cpu"
-    a = torch.randn(size, size, device=dev) / size ** 0.5
-    L = torch.linalg.cholesky(a @ a.T + torch.eye(size, device=dev))
-    b = torch.randn(size, size, device=dev)
-    torch.linalg.solve_triangular(L, b, upper=False)
+    L = torch.tril(torch.randn(n, n, device=dev)) / n ** 0.5
+    L.diagonal().add_(2.0)
+    b = torch.randn(n, cols, device=dev)
+    out = torch.linalg.solve_triangular(L, b, upper=False)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        torch.linalg.solve_triangular(L, b, upper=False)
+        torch.linalg.solve_triangular(L, b, upper=False, out=out)
         if dev == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return size ** 3 / best / 1e9
+    return n * n * cols / best / 1e9
 
 
 def kernel_bound_s(flops: dict[str, float], gemm: float, trsm: float) -> float:
@@ -449,7 +464,7 @@ def run_compare(args, log) -> dict:
     form = resolve_form(args.form, syn.n, syn.p)
     split = fit_flops(syn.n, syn.p, targets, m_rows, "kernel", form)
     flops = sum(split.values())
-    trsm = trsm_gflops(args.backend)
+    trsm = trsm_gflops(args.backend, syn.n, min(args.batch, sum(targets.values())))
     ours = res["peers"]["fit_ridge_kernel"]["s"]
     hima = min(HIMALAYA, key=lambda k: res["peers"][k]["s"])
     log(f"  {'peer':30s} {'s':>8s} {'peak RSS GB':>12s} {'(data)':>7s} {'max |diff|/std':>15s} "
