@@ -175,10 +175,11 @@ def run_full(args, log) -> dict:
     log(f"[full x{scale}] X {syn.n} x {syn.p}, test {syn.n_test}; targets " +
         ", ".join(f"{k} {int(np.prod(v))}" for k, v in shapes.items()) + f"  (generated in {res['generate_X_s']:.1f} s)")
     res["gemm_gflops"] = gemm_gflops(args.backend)
-    res["trsm_gflops"] = trsm_gflops(args.backend, syn.n, min(args.batch, 4096))
+    batch_width = widest_batch(args.batch, shapes)
+    res["trsm_gflops"] = trsm_gflops(args.backend, syn.n, batch_width)
     res["form"] = form = resolve_form(args.form, syn.n, syn.p)
     log(f"  float32 GEMM (4096^3, {torch.get_num_threads()} threads): {res['gemm_gflops']:.0f} GFLOP/s; "
-        f"triangular solve ({syn.n}^2 x {min(args.batch, 4096)}): {res['trsm_gflops']:.0f} GFLOP/s; "
+        f"triangular solve ({syn.n}^2 x {batch_width}): {res['trsm_gflops']:.0f} GFLOP/s; "
         f"weights form: {form}")
     t0 = time.perf_counter()
     fact = factorise(syn.X, backend=args.backend, method=args.method)
@@ -359,6 +360,11 @@ def trsm_gflops(backend: str = "torch", n: int = 4096, cols: int = 4096) -> floa
     return n * n * cols / best / 1e9
 
 
+def widest_batch(batch: int, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Columns of the widest target batch the fits solve: ``--batch``, or the largest feature if narrower."""
+    return min(int(batch), max(int(np.prod(s)) for s in shapes.values()))
+
+
 def kernel_bound_s(flops: dict[str, float], gemm: float, trsm: float) -> float:
     """Seconds the arithmetic takes at the machine's measured GEMM and trsm rates (GFLOP/s)."""
     return flops["gemm"] / (gemm * 1e9) + flops["trsm"] / (trsm * 1e9)
@@ -464,7 +470,7 @@ def run_compare(args, log) -> dict:
     form = resolve_form(args.form, syn.n, syn.p)
     split = fit_flops(syn.n, syn.p, targets, m_rows, "kernel", form)
     flops = sum(split.values())
-    trsm = trsm_gflops(args.backend, syn.n, min(args.batch, sum(targets.values())))
+    trsm = trsm_gflops(args.backend, syn.n, widest_batch(args.batch, shapes))
     ours = res["peers"]["fit_ridge_kernel"]["s"]
     hima = min(HIMALAYA, key=lambda k: res["peers"][k]["s"])
     log(f"  {'peer':30s} {'s':>8s} {'peak RSS GB':>12s} {'(data)':>7s} {'max |diff|/std':>15s} "

@@ -66,7 +66,6 @@ class _NumpyOps:
                                         "positive definite in float32; use a larger alpha or method='eigh'")
         return c
 
-
     def diagonal_add(self, a, value: float) -> None:
         a[np.diag_indices_from(a)] += np.float32(value)
 
@@ -89,7 +88,6 @@ class _NumpyOps:
 
     def square(self, a, out=None):
         return np.multiply(a, a, out=out)
-
 
     def store_scaled(self, a, factor, dest: torch.Tensor) -> None:
         """``dest[...] = a * factor`` (factor broadcast against a: per column (k,) or per row (n, 1)) cast to
@@ -148,7 +146,6 @@ class _TorchOps:
                                            "is not positive definite in float32; use a larger alpha or method='eigh'")
         return L
 
-
     def diagonal_add(self, a, value: float) -> None:
         a.diagonal().add_(float(value))
 
@@ -173,8 +170,8 @@ class _TorchOps:
 
     def store_scaled(self, a, factor, dest: torch.Tensor) -> None:
         """``dest[...] = a * factor`` (factor broadcast against a: per column (k,) or per row (n, 1)) cast to
-        dest's dtype (a CPU tensor, e.g. a column block of the stored weights). On the CPU one fused pass: scaling, casting and the strided store apart took 290 ms
-        for 8,859 x 4,096 on 2 threads, fused 55 ms."""
+        dest's dtype (a CPU tensor, e.g. a column block of the stored weights). On the CPU one fused pass:
+        scaling, casting and the strided store apart took 290 ms for 8,859 x 4,096 on 2 threads, fused 55 ms."""
         if dest.device == self.device:
             torch.mul(a, factor, out=dest)
         else:  # cast on the device first: the block crosses to the host at the stored dtype's size
