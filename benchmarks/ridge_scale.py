@@ -13,15 +13,19 @@ Parts
    CLIP-text 77 x 768 = 59,136, CLIP-vision 257 x 768 = 197,376, with the paper's alphas. One
    factorisation serves the three fits: ``--method kernel`` (default: the alphas are fixed, so K = Xc Xc^T and
    a Cholesky factor per alpha suffice) or ``eigh`` (the all-alphas eigendecomposition that cross-validation and
-   low rank need). ``--form`` (default auto = dual here, n < p): the whitened dual factors ``C = L^-1 Yc``, one
-   triangular solve of n^2 flops per target, or the primal weights ``W = Xc^T (K + alpha I)^-1 Yc``, one
+   low rank need). ``--form`` (default auto = dual here, n < p): the dual factors ``W = G^T C``, which at the
+   paper's alphas (above the kernel's mean eigenvalue) are ``G = (K + alpha I)^-1 Xc`` once per alpha and the
+   centred targets ``C = Yc`` themselves (no solve per target), and below it the whitened ``C = L^-1 Yc`` (one
+   triangular solve of n^2 flops per target); or the primal weights ``W = Xc^T (K + alpha I)^-1 Yc``, one
    product of 2 p n flops per target. Leave-one-out statistics come from
    ``--loo-rows`` sampled training rows (default 1,000; 0 = all). Storage modes (``--modes``): ``float16``
    (exact weights, float16, what ``fit`` writes by default) and ``lowrank`` (rank ``--rank``, float16 factors;
    needs ``--method eigh``). A float32 GEMM is timed in the same run and the fit's arithmetic (the flops the
    method needs) is printed as a fraction of its rate; a float32 triangular solve is timed too, and the fit is
-   also given as a fraction of the bound the two rates set (the dual form spends most of its time in
-   triangular solves, which run below the GEMM rate on these CPUs but need half the flops).
+   also given as a fraction of the bound the two rates set. At alpha >= the kernel's mean eigenvalue (NSD's
+   chosen alphas) the dual stores ``(K + alpha I)^-1 Xc`` and plain ``Yc``: no per-target solve at all, so the
+   fit is memory-bound and its fraction of GEMM reads low while its wall time falls; below it the whitened
+   form's per-target triangular solve is kept for float16 precision.
    Printed: wall time and peak RSS per step, bundle size per subject for both modes (float16: from the
    decoders' bytes; low rank: a bundle really written and measured), and the correlation of the low-rank (and
    float16) test predictions with the exact float32 solution ``(X_test - mean) Xc^T (K + alpha I)^-1 Yc``.
@@ -190,8 +194,12 @@ def run_full(args, log) -> dict:
     res["rank"] = rank
     loo = loo_setting(args.loo_rows, scale)
     m_rows = syn.n if loo is True else min(int(loo), syn.n)
-    def mode_form(mode):
-        return form if mode == "float16" else "primal"  # (low rank: the primal algebra's flop count)
+    def mode_form(mode, alpha=None):
+        if mode != "float16":
+            return "primal"  # (low rank: the primal algebra's flop count)
+        if form == "dual" and alpha is not None and fact.dual_form(alpha) == "targets":
+            return "dual_targets"
+        return form
 
     flops = {m: fit_flops(syn.n, syn.p, {}, m_rows, args.method, mode_form(m)) for m in args.modes}  # factorisation
     fit_total = {m: 0.0 for m in args.modes}
@@ -216,10 +224,11 @@ def run_full(args, log) -> dict:
             source_s[0] += time.perf_counter() - t_in  # the benchmark's own work, not the fit's
             return yb
 
-        fr: dict = {"n_targets": T, "alpha": alpha}
+        fr: dict = {"n_targets": T, "alpha": alpha, "alpha_over_mean_eigenvalue": alpha / fact.mean_eigenvalue(),
+                    "dual_form": fact.dual_form(alpha)}
         for mode in args.modes:
-            one = fit_flops(syn.n, syn.p, {name: T}, m_rows, args.method, mode_form(mode))
-            base = fit_flops(syn.n, syn.p, {}, m_rows, args.method, mode_form(mode))
+            one = fit_flops(syn.n, syn.p, {name: T}, m_rows, args.method, mode_form(mode, alpha))
+            base = fit_flops(syn.n, syn.p, {}, m_rows, args.method, mode_form(mode, alpha))
             flops[mode] = {k: flops[mode][k] + one[k] - base[k] for k in one}
             source_s = [0.0]
             t0 = time.perf_counter()
@@ -231,7 +240,9 @@ def run_full(args, log) -> dict:
             pred = dec.predict(syn.X_test, rescale="none")
             fr[mode] = {"fit_s": dt, "bytes": dec.nbytes, **_corr_stats(pred, exact)}
             sizes[mode] += dec.nbytes
-            log(f"  {name:11s} {mode:8s} fit {dt:7.1f} s  {dec.nbytes / 2**30:6.3f} GiB  "
+            log(f"  {name:11s} {mode:8s} ({mode_form(mode, alpha)}, alpha {alpha:g} = "
+                f"{fr['alpha_over_mean_eigenvalue']:.2f} x the kernel's mean eigenvalue) fit {dt:7.1f} s  "
+                f"{dec.nbytes / 2**30:6.3f} GiB  "
                 f"r vs exact {fr[mode]['r_overall']:.5f} (median col {fr[mode]['r_median']:.5f}, "
                 f"1st pct {fr[mode]['r_p01']:.5f})  peak RSS {peak_rss_gb():.2f} GB")
             if mode == "lowrank":
@@ -322,16 +333,25 @@ def fit_flops(n: int, p: int, targets: dict, m: int, method: str, form: str = "p
 
     Always K (2 n^2 p); "eigh" adds the eigendecomposition (counted as 4/3 n^3, its matrix-matrix share).
     primal: per alpha the Cholesky inverse (4/3 n^3, "kernel") and H (2 p n^2); per target W (2 p n).
-    dual: per alpha the Cholesky factor (n^3 / 3), G = L^-1 Xc (trsm, n^2 p) and, for the leave-one-out
-    rows, those m columns of L^-1 (trsm, n^2 m) ("kernel"); per target C = L^-1 Yc (trsm, n^2; "eigh": a
-    GEMM, 2 n^2).
-    Both: the leave-one-out rows, 2 m n per target."""
+    dual (whitened, alpha below the kernel's mean eigenvalue): per alpha the Cholesky factor (n^3 / 3),
+    G = L^-1 Xc (trsm, n^2 p) and, for the leave-one-out rows, those m columns of L^-1 (trsm, n^2 m)
+    ("kernel"); per target C = L^-1 Yc (trsm, n^2; "eigh": a GEMM, 2 n^2).
+    dual_targets (alpha at or above it): per alpha the Cholesky factor, G = (K + alpha I)^-1 Xc (two trsm,
+    2 n^2 p) and the leave-one-out rows of (K + alpha I)^-1 (two trsm, 2 n^2 m) ("kernel"; "eigh": GEMMs,
+    2 n^2 p + 2 m n^2); nothing per target (C = Yc).
+    All: the leave-one-out rows, 2 m n per target."""
     g = 2.0 * n * n * p + (0 if method == "kernel" else 4 / 3 * n ** 3 + 2.0 * p * n * n)
     tr = 0.0
     for T in targets.values():
         g += T * 2.0 * m * n
         if form == "primal":
             g += (4 / 3 * n ** 3 if method == "kernel" else 0) + 2.0 * p * n * n + T * 2.0 * p * n
+        elif form == "dual_targets":
+            if method == "kernel":
+                g += n ** 3 / 3
+                tr += 2.0 * n * n * p + 2.0 * float(n * n) * m
+            else:
+                g += 2.0 * n * n * p + 2.0 * m * float(n * n)
         elif method == "kernel":
             g += n ** 3 / 3
             tr += n * n * p + float(n * n) * m + T * float(n * n)
@@ -468,7 +488,14 @@ def run_compare(args, log) -> dict:
                       for name in shapes)
             res["peers"][peer]["max_rel_diff"] = err
     form = resolve_form(args.form, syn.n, syn.p)
-    split = fit_flops(syn.n, syn.p, targets, m_rows, "kernel", form)
+    Xc = syn.X - syn.X.mean(0)
+    mean_eig = float(np.einsum("ij,ij->", Xc, Xc)) / syn.n  # trace(K) / n, what fit_ridge's dual_form compares
+    del Xc
+    split = fit_flops(syn.n, syn.p, {}, m_rows, "kernel", form)
+    for name, T in targets.items():
+        f = "dual_targets" if form == "dual" and PAPER.ridge_alpha(name) >= mean_eig else form
+        one, base = (fit_flops(syn.n, syn.p, t, m_rows, "kernel", f) for t in ({name: T}, {}))
+        split = {k: split[k] + one[k] - base[k] for k in split}
     flops = sum(split.values())
     trsm = trsm_gflops(args.backend, syn.n, widest_batch(args.batch, shapes))
     ours = res["peers"]["fit_ridge_kernel"]["s"]
@@ -507,7 +534,7 @@ def main(argv=None) -> int:
                     help="leave-one-out statistics from this many sampled training rows (default 1,000 x scale; 0: all)")
     ap.add_argument("--batch", type=int, default=4096, help="n_targets_batch")
     ap.add_argument("--form", default="auto", choices=["auto", "primal", "dual"],
-                    help="fit_ridge's weights form (default auto: the whitened dual form when n < p)")
+                    help="fit_ridge's weights form (default auto: the dual form when n < p)")
     ap.add_argument("--backend", default="torch", choices=["numpy", "torch", "torch_cuda", "auto"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tmp-dir", default=None, help="where the low-rank bundle is written to be measured")

@@ -75,6 +75,12 @@ class _NumpyOps:
 
         return solve_triangular(L, b, lower=True, check_finite=False)
 
+    def solve_lower_t(self, L, b):
+        """L^-T b for lower-triangular L (n, n) and b (n, k)."""
+        from scipy.linalg import solve_triangular
+
+        return solve_triangular(L, b, lower=True, trans="T", check_finite=False)
+
     def empty(self, shape):
         return np.empty(shape, dtype=np.float32)
 
@@ -152,6 +158,10 @@ class _TorchOps:
     def solve_lower(self, L, b, out=None):
         """L^-1 b for lower-triangular L (n, n) and b (n, k), into ``out`` (n, k) when given."""
         return torch.linalg.solve_triangular(L, b, upper=False, out=out)
+
+    def solve_lower_t(self, L, b):
+        """L^-T b for lower-triangular L (n, n) and b (n, k)."""
+        return torch.linalg.solve_triangular(L.mT, b, upper=True)
 
     def empty(self, shape):
         return torch.empty(shape, dtype=torch.float32, device=self.device)

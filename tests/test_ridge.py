@@ -286,24 +286,31 @@ def test_kernel_factorisation_gives_the_eigh_fit(rng, backend):
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("method", ["kernel", "eigh"])
-def test_dual_form_is_the_ridge_solution(rng, backend, method):
-    """The whitened dual factors (W = G^T C) against the float64 closed form, refitting for the leave-one-out
+@pytest.mark.parametrize("dual_form", ["whitened", "targets"])
+def test_dual_form_is_the_ridge_solution(rng, backend, method, dual_form):
+    """Both dual factorings (W = G^T C; whitened below the kernel's mean eigenvalue, the centred targets
+    themselves as C at or above it) against the float64 closed form, refitting for the leave-one-out
     statistics, and the primal form; "auto" picks dual exactly when n < p."""
     X, Y = _data(rng, n=30, p=45, t=6)
     Xt = rng.standard_normal((7, 45)).astype(np.float32) + 3.0
     fact = factorise(X, backend=backend, method=method)
-    dual = fit_ridge(fact, Y, 6.0, form="dual", dtype="float32")
-    primal = fit_ridge(fact, Y, 6.0, form="primal", dtype="float32")
-    assert (dual.form, primal.form, fit_ridge(fact, Y, 6.0).form) == ("dual", "primal", "dual")
+    alpha = 6.0 if dual_form == "whitened" else 2.5 * fact.mean_eigenvalue()
+    assert fact.dual_form(alpha) == dual_form and fact.dual_form(0.99 * fact.mean_eigenvalue()) == "whitened"
+    dual = fit_ridge(fact, Y, alpha, form="dual", dtype="float32")
+    primal = fit_ridge(fact, Y, alpha, form="primal", dtype="float32")
+    assert (dual.form, primal.form, fit_ridge(fact, Y, alpha).form) == ("dual", "primal", "dual")
     assert dual.tensors["dual_coef"].shape == (30, 6) and dual.tensors["dual_x"].shape == (30, 45)
-    W, b = _closed_form(X, Y, 6.0)
+    if dual_form == "targets":  # no solve per target: C is Yc itself (per-column scaled)
+        coef = dual.tensors["dual_coef"].numpy() * dual.tensors["dual_coef_scale"].numpy()
+        np.testing.assert_allclose(coef, Y - Y.mean(0), rtol=1e-5, atol=1e-5 * np.abs(Y).max())
+    W, b = _closed_form(X, Y, alpha)
     np.testing.assert_allclose(dual.dense_weight().numpy(), W, rtol=2e-3, atol=2e-4 * np.abs(W).max())
     np.testing.assert_allclose(dual.predict(Xt), Xt @ W + b, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(dual.predict(Xt), primal.predict(Xt), rtol=1e-4, atol=1e-4)
-    loo = _brute_loo(X, Y, 6.0)
+    loo = _brute_loo(X, Y, alpha)
     np.testing.assert_allclose(dual.tensors["loo_mean"].numpy(), loo.mean(0), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(dual.tensors["loo_std"].numpy(), loo.std(0), rtol=1e-3)
-    sub_d, sub_p = (fit_ridge(fact, Y, 6.0, form=f, loo_stats=12) for f in ("dual", "primal"))
+    sub_d, sub_p = (fit_ridge(fact, Y, alpha, form=f, loo_stats=12) for f in ("dual", "primal"))
     np.testing.assert_allclose(sub_d.tensors["loo_std"].numpy(), sub_p.tensors["loo_std"].numpy(), rtol=1e-4)
     X2, Y2 = _data(rng, n=60, p=20, t=3)
     assert fit_ridge(X2, Y2, 6.0, backend=backend).form == "primal"  # n > p: the primal weights are smaller
@@ -332,3 +339,33 @@ def test_dual_float16_is_as_accurate_as_primal_at_small_alpha(rng):
     err_plain = np.abs(plain - exact).max() / exact.std()
     assert err["dual"] < 5e-3 and err["dual"] < 6 * err["primal"]
     assert err_plain > 3 * err["dual"]
+
+
+@pytest.mark.parametrize("relative_alpha", [1.0, 4.0])
+def test_dual_targets_form_keeps_float16_precision_at_large_alpha(rng, relative_alpha):
+    """At alpha >= the kernel's mean eigenvalue the dual form stores the centred targets (no solve per target);
+    its float16 predictions must stay as close to the exact solution as the whitened factors' at the same alpha
+    (computed here independently in float64 and rounded per column like the stored factors) and within a few
+    times the primal weights'."""
+    n, p, t = 300, 500, 40
+    Z = rng.standard_normal((n + 50, 30))
+    X = ((Z * np.arange(1, 31) ** -0.5) @ rng.standard_normal((30, p)) + rng.standard_normal((n + 50, p)))
+    Y = Z[:, :10] @ rng.standard_normal((10, t)) + 0.5 * rng.standard_normal((n + 50, t)) + 3.0
+    X, Y = X.astype(np.float32), Y.astype(np.float32)
+    fact = factorise(X[:n], backend="torch", method="kernel")
+    alpha = relative_alpha * fact.mean_eigenvalue()
+    assert fact.dual_form(alpha) == "targets"
+    exact = fit_ridge(fact, Y[:n], alpha, form="primal", dtype="float32").predict(X[n:])
+    err = {f: np.abs(fit_ridge(fact, Y[:n], alpha, form=f).predict(X[n:]) - exact).max() / exact.std()
+           for f in ("primal", "dual")}
+
+    def q16(a):  # per-column max scaling and float16 rounding, as the stored factors
+        s = np.abs(a).max(0)
+        return (a / s).astype(np.float16).astype(np.float64) * s
+
+    Xc = fact.Xc.numpy().astype(np.float64)
+    L = np.linalg.cholesky(Xc @ Xc.T + alpha * np.eye(n))
+    G, C = np.linalg.solve(L, Xc), np.linalg.solve(L, Y[:n] - Y[:n].mean(0))
+    whitened = (X[n:] - X[:n].mean(0)) @ q16(G.T) @ q16(C) + Y[:n].mean(0)
+    err_whitened = np.abs(whitened - exact).max() / exact.std()
+    assert err["dual"] < 1.5 * err_whitened and err["dual"] < 4 * err["primal"]

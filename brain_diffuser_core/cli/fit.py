@@ -85,7 +85,7 @@ def fit_decoders(
     ``train_fmri`` (as ``factorise(train_fmri, backend=backend)`` returns it, e.g. the one an alpha search already
     made) to reuse instead of factorising again; the decoders are then the same. Features sharing an alpha share
     its projector. ``form``: how full weights are stored (:func:`~brain_diffuser_core.ridge.fit_ridge`; "auto":
-    the whitened dual form when there are fewer train images than voxels, as in NSD).
+    the dual form when there are fewer train images than voxels, as in NSD).
     """
     from ..ridge import factorise
 
@@ -303,8 +303,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="store weights as rank-R factors (default: full)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored weight dtype")
     p.add_argument("--form", choices=["auto", "primal", "dual"], default="auto",
-                   help="full weights as W (primal: p x targets) or as the whitened dual factors (n x p, n x targets; "
-                        "about half the arithmetic and a smaller bundle when n < p); default auto: dual when n < p")
+                   help="full weights as W (primal: p x targets) or as the dual factors (n x p, n x targets; "
+                        "far less arithmetic and a smaller bundle when n < p); default auto: dual when n < p")
     p.add_argument("--loo-rows", type=int, default=None,
                    help="estimate leave-one-out rescaling statistics on this many train rows (default all; 0 = none)")
     p.add_argument("--batch", type=int, default=4096, help="target columns per batch (memory)")
