@@ -181,6 +181,10 @@ def test_encode_shapes_modes_and_seeds(tiny, images):
     assert tiny.feature_dim() == 4 + 2 * 64 + 2 * 256 == cfg.feature_dim(cfg.n_feature_layers)
     f = tiny.encode(images, seed=[1, 2, 3])
     assert f.shape == (3, 644) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    # the 64 px demo model: every layer up to a quarter of the side, as the paper's 31 layers of ImageNet-64
+    cfg64 = VDVAEConfig.tiny(64)
+    assert [h for _, h, _ in cfg64.latent_shapes(cfg64.n_feature_layers)] == [1, 4, 4, 8, 8, 16, 16]
+    assert cfg64.feature_dim() == 2692
     assert tiny.encode(images, n_layers=2, mode="mean").shape == (3, 68)
     m1, m2 = tiny.encode(images, mode="mean"), tiny.encode(images, mode="mean")
     assert torch.equal(m1, m2)

@@ -180,8 +180,10 @@ class VDVAEConfig:
         """A small model of the same architecture for tests and the demo world (0.11M parameters at 32 px).
 
         ``image_size`` 32: latent layers 1 at 1x1, 2 at 4x4, 2 at 8x8, 2 at 16x16, 2 at 32x32 (zdim 4);
-        the default features are the first 5 layers (like the paper: every layer below half resolution
-        except the finest), 4 + 2*64 + 2*256 = 644 values. ``image_size`` 64 adds 1 layer at 64x64.
+        ``image_size`` 64 adds 1 layer at 64x64. The default features are every layer up to a quarter of the
+        image side, as the paper's 31 layers of ImageNet-64 (every layer through 16x16; its one extra layer at
+        32x32 is 1 of 32 there, here it would be 1 of 2): at 32 px the first 5 layers (through 8x8),
+        4 + 2*64 + 2*256 = 644 values; at 64 px the first 7 (through 16x16), 644 + 2*1024 = 2,692 values.
         """
         if image_size not in (32, 64):
             raise ValueError(f"'image_size' must be one of [32, 64]; {image_size!r} was provided")
@@ -199,7 +201,7 @@ class VDVAEConfig:
             enc_blocks=enc,
             dec_blocks=dec,
             no_bias_above=64,
-            n_feature_layers=5,
+            n_feature_layers=5 if image_size == 32 else 7,
         )
 
     @classmethod
