@@ -345,6 +345,29 @@ def test_differential_contrast_centroid_moves_with_the_added_ring_not_the_shared
         differential_contrast_centroids({"b0": bands["b0"]})
 
 
+def test_differential_contrast_centroid_reads_where_a_band_s_contrast_is_not_how_much():
+    """A band drawing the inner ring at a third of another's contrast sits where that one does (the form
+    before 2026-12-04, which subtracted the bands' mean profile unscaled, read it NaN: below the mean at every
+    ring), and the outer band stays outward."""
+    from brain_diffuser_core.world.measures import differential_contrast_centroids
+
+    h = 64
+    yy, xx = np.mgrid[:h, :h]
+    r_deg = np.hypot(yy + 0.5 - h / 2, xx + 0.5 - h / 2) * 8.4 / h
+    checker = (((yy // 2 + xx // 2) % 2) * 2 - 1)[..., None]
+
+    def band(lo, hi, amplitude):
+        ring = ((r_deg >= lo) & (r_deg < hi))[..., None]
+        img = np.clip(128 + amplitude * checker * ring, 0, 255).astype(np.uint8).repeat(3, axis=-1)
+        return img[None].repeat(2, axis=0)
+
+    diff = differential_contrast_centroids({"inner strong": band(0.0, 1.0, 90), "outer": band(2.5, 3.5, 90),
+                                            "inner faint": band(0.0, 1.0, 30)})
+    assert np.isfinite(list(diff.values())).all(), diff
+    assert diff["inner faint"] == pytest.approx(diff["inner strong"], abs=1e-6)
+    assert diff["outer"] > diff["inner strong"] + 2.0, diff
+
+
 # --------------------------------------------------------------------------------------- module layout
 def test_validate_re_exports_the_public_names_of_its_sibling_modules_unchanged():
     """Old imports (``from brain_diffuser_core.world.validate import X``) keep giving the very same objects."""

@@ -129,14 +129,20 @@ def contrast_centroid_deg(images, field_deg: float = FIELD_DEG, sigma_deg: float
 
 def differential_contrast_centroids(images_by_band: Mapping[str, np.ndarray], field_deg: float = FIELD_DEG,
                                     sigma_deg: float = CONTRAST_SIGMA_DEG, ring_deg: float = 0.3) -> dict[str, float]:
-    """Noise-robust eccentricity of each band's scenes: where its contrast exceeds the bands' common contrast.
+    """Noise-robust eccentricity of each band's scenes: where its contrast lies that the other bands' does not.
 
     For each band, the local contrast energy (:func:`contrast_centroid_deg`) of its images is averaged over
     seeds and over rings ``ring_deg`` wide around the image centre (a radial profile: the mean energy per
-    ring); the mean profile over all bands is subtracted, and the centre of mass (degrees) of the positive
-    part is returned (NaN where nothing is left). What every band's scenes share (the generator's own texture
-    or pixel noise, a frame, a horizon) cancels, and i.i.d. noise averages out over the seeds and the pixels of
-    a ring, so a band's value moves only with contrast it puts where the other bands do not. Needs >= 2 bands.
+    ring). The bands' mean profile ``c`` is fitted to each band's profile ``p`` by least squares over the rings
+    (``a = <p, c> / <c, c>``) and subtracted (``p - a c``); the centre of mass (degrees, ring centres weighted
+    by the positive part) is returned, NaN where nothing is left. What every band's scenes share (the
+    generator's own texture or pixel noise, a frame, a horizon) cancels, i.i.d. noise averages out over the
+    seeds and the pixels of a ring, and a band's value depends on where its contrast is, not on how much
+    there is. Needs >= 2 bands.
+
+    Why the fitted ``a``: the form before 2026-12-04 subtracted ``c`` itself, so a band with less contrast
+    overall sat below the mean at every ring and read NaN or an arbitrary ring; it did so for the foveal
+    bands' own top-driving training images of the MiniNSD world (``benchmarks/demo_eccentricity.py``).
     """
     if len(images_by_band) < 2:
         raise ValueError(f"'images_by_band' must hold >= 2 bands; {list(images_by_band)} was provided")
@@ -145,11 +151,15 @@ def differential_contrast_centroids(images_by_band: Mapping[str, np.ndarray], fi
         e, r = _contrast_energy(imgs, field_deg, sigma_deg)
         ring = np.minimum((r / ring_deg).astype(np.int64), int(r.max() / ring_deg)).ravel()
         count = np.bincount(ring)
-        profiles[band] = np.bincount(ring, weights=e.mean(0).ravel(), minlength=len(count)) / np.maximum(count, 1)
+        energy = np.bincount(ring, weights=e.mean(0).ravel().astype(np.float64), minlength=len(count))
+        profiles[band] = energy / np.maximum(count, 1)
         centres = (np.arange(len(count)) + 0.5) * ring_deg
     common = np.mean(list(profiles.values()), axis=0)
+    norm = float(common @ common)
     out = {}
     for band, prof in profiles.items():
-        d = np.clip(prof - common, 0.0, None)
-        out[band] = float((d * centres).sum() / d.sum()) if d.sum() > 1e-12 else float("nan")
+        scale = float(prof @ common) / norm if norm > 0 else 0.0
+        d = np.clip(prof - scale * common, 0.0, None)
+        out[band] = float((d * centres).sum() / d.sum()) if d.sum() > 1e-12 * max(float(prof.sum()), 1e-30) \
+            else float("nan")
     return out

@@ -43,8 +43,9 @@ pictures; in the MiniNSD world the observers' tuning is known, so the pictures c
   (:func:`colourfulness`, Hasler & Suesstrunk 2003). Aim: V1 scenes carry more high-frequency energy.
 * **eccentricity bands**: radial centre of mass of contrast energy (:func:`contrast_centroid_deg`, degrees
   in the world's 8.4 deg field), and its noise-robust form (:func:`differential_contrast_centroids`: the
-  seed-averaged contrast map of a band minus the mean over the bands, so what all bands' scenes share, the
-  generator's own texture and noise included, cancels). Aim: each moves outward band by band.
+  seed-averaged radial contrast profile of a band minus the least-squares multiple of the bands' mean profile,
+  so what all bands' scenes share, the generator's own texture and noise included, cancels, and the amount of
+  contrast does not count, only where it is). Aim: each moves outward band by band.
 
 Every generated image is resized to the world's 64 px before scoring (all ROIs alike). Nothing here claims
 an aim is met: :meth:`ValidationReport.aims` computes each one from the numbers, and untrained demo models

@@ -129,8 +129,8 @@ class ValidationReport:
             band_images = {b: self.images[(b, subj)] for b in ECCENTRICITY_ROIS if (b, subj) in self.images}
             if len(band_images) >= 2:
                 diff = list(differential_contrast_centroids(band_images).values())
-                out.append({"aim": "differential contrast centroid (band minus the bands' mean, over seeds) moves "
-                                   "outward band by band", "subject": subj, "value": diff,
+                out.append({"aim": "differential contrast centroid (band minus a fitted multiple of the bands' mean, "
+                                   "over seeds) moves outward band by band", "subject": subj, "value": diff,
                             "target": "strictly increasing",
                             "met": bool(np.all(np.isfinite(diff)) and all(b > a for a, b in zip(diff, diff[1:])))})
         return out

@@ -1,0 +1,102 @@
+"""Does content move outward band by band? The eccentricity bands on the demo: world, stage 1, final.
+
+For each subject (and the subject average) and each eccentricity band (``ecc0pt5`` .. ``ecc4+``), three
+image sets are measured:
+
+* **world**: the ``--k`` training images whose simulated response inside the band is largest
+  (``patterns.top_driving_images``; for the average, ``--k`` / n subjects of each): where the world itself puts
+  the contrast that drives the band, the reference any decoder can at best recover;
+* **stage 1** and **final**: the band's ROI-optimal scenes (``BrainDiffuser.reconstruct_pattern``, ``--seeds``
+  seeds each, seeded per pattern name and seed).
+
+The measure is :func:`~brain_diffuser_core.world.measures.differential_contrast_centroids` (each band's radial
+contrast-energy profile minus the least-squares multiple of the bands' mean profile; centre of mass of the
+positive part, degrees in the world's 8.4 deg field), with the plain contrast centroid
+(:func:`~brain_diffuser_core.world.measures.contrast_centroid_deg`, mean over images) beside it. "outward" counts
+the band-to-band steps (of 4) where the value increases.
+
+    python benchmarks/demo_eccentricity.py [--subjects 1,2,5,7] [--seeds 8] [--k 64] [--sheet ecc.png]
+
+``--sheet`` writes, per band of the first subject, 6 world images | 4 stage-1 | 4 final scenes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="1,2,5,7", help="comma-separated demo subjects (the average is added)")
+    ap.add_argument("--seeds", type=int, default=8, help="ROI-optimal scenes per band")
+    ap.add_argument("--k", type=int, default=64, help="top-driving training images per band")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--sheet", default=None, metavar="PNG")
+    args = ap.parse_args(argv)
+    if args.seeds < 1 or args.k < 1:
+        ap.error("--seeds and --k must be >= 1")
+    torch.set_num_threads(args.threads)
+    from brain_diffuser_core.config import cache_root
+    from brain_diffuser_core.nsd import load_subject
+    from brain_diffuser_core.patterns import top_driving_images
+    from brain_diffuser_core.pipeline import BrainDiffuser
+    from brain_diffuser_core.world.build import ensure_world
+    from brain_diffuser_core.world.demo import ensure_demo_bundle
+    from brain_diffuser_core.world.measures import (contrast_centroid_deg, differential_contrast_centroids,
+                                                    to_world_size)
+    from brain_diffuser_core.world.validate import ECCENTRICITY_ROIS
+
+    cache = cache_root() if args.cache_dir is None else args.cache_dir
+    bundle = ensure_demo_bundle(cache)
+    world = ensure_world(cache)
+    diffuser = BrainDiffuser(bundle, device="cpu")
+    subjects = [int(s) for s in args.subjects.split(",")]
+    subs = {s: load_subject(world, s, cache_dir=f"{cache}/nsd", progress=False) for s in subjects}
+    bands = list(ECCENTRICITY_ROIS)
+    groups = [(f"subj{s:02d}", [s]) for s in subjects] + ([("average", subjects)] if len(subjects) > 1 else [])
+
+    print(f"{'subject':<8} {'images':<7} measure      " + " ".join(f"{b:>7}" for b in bands) + "  outward")
+    sheet_rows = []
+    for label, members in groups:
+        sets = {"world": {}, "stage 1": {}, "final": {}}
+        for band in bands:
+            patterns = {s: subs[s].synthetic_pattern({band: 1.0}) for s in members}
+            per = max(1, args.k // len(members))
+            world_images = []
+            for s in members:
+                ids, _ = top_driving_images(subs[s].train_fmri, subs[s].train_image_ids, patterns[s], k=per)
+                world_images += [subs[s].image(int(i)) for i in ids]
+            recs = diffuser.reconstruct_pattern(patterns, name=f"eccentricity/{band}/{label}", n_seeds=args.seeds)
+            sets["world"][band] = to_world_size(np.stack(world_images))
+            sets["stage 1"][band] = to_world_size(np.stack([r.stage1_upscaled for r in recs]))
+            sets["final"][band] = to_world_size(np.stack([r.final for r in recs]))
+            if args.sheet and label == groups[0][0]:
+                gap = np.full((sets["world"][band].shape[1], 8, 3), 255, np.uint8)
+                sheet_rows.append(np.concatenate(list(sets["world"][band][:6]) + [gap]
+                                                 + list(sets["stage 1"][band][:4]) + [gap]
+                                                 + list(sets["final"][band][:4]), axis=1))
+        for kind, by_band in sets.items():
+            diff = differential_contrast_centroids(by_band)
+            plain = {b: float(np.nanmean(contrast_centroid_deg(v))) for b, v in by_band.items()}
+            for name, vals in (("differential", diff), ("plain", plain)):
+                v = [vals[b] for b in bands]
+                steps = sum(bool(b > a) for a, b in zip(v, v[1:]))
+                print(f"{label:<8} {kind:<7} {name:<12} " + " ".join(f"{x:7.2f}" for x in v) + f"  {steps}/4",
+                      flush=True)
+    if args.sheet:
+        from PIL import Image
+
+        Image.fromarray(np.concatenate(sheet_rows, axis=0)).save(args.sheet)
+        print(f"sheet: {args.sheet} (rows {', '.join(bands)}: world | stage 1 | final)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
