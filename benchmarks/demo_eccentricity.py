@@ -15,7 +15,7 @@ positive part, degrees in the world's 8.4 deg field), with the plain contrast ce
 (:func:`~brain_diffuser_core.world.measures.contrast_centroid_deg`, mean over images) beside it. "outward" counts
 the band-to-band steps (of 4) where the value increases.
 
-    python benchmarks/demo_eccentricity.py [--subjects 1,2,5,7] [--seeds 8] [--k 64] [--sheet ecc.png]
+    python benchmarks/demo_eccentricity.py [--subjects 1,2,5,7] [--seeds 8] [--k 64] [--strength S] [--sheet ecc.png]
 
 ``--sheet`` writes, per band of the first subject, 6 world images | 4 stage-1 | 4 final scenes.
 """
@@ -39,9 +39,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--sheet", default=None, metavar="PNG")
+    ap.add_argument("--strength", type=float, default=None,
+                    help="stage-2 img2img strength (default: the paper's 0.75); lower keeps more of stage 1")
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.k < 1:
         ap.error("--seeds and --k must be >= 1")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        ap.error(f"--strength must be in (0, 1]; {args.strength} was provided")
+    overrides = {} if args.strength is None else {"strength": args.strength}
     torch.set_num_threads(args.threads)
     from brain_diffuser_core.config import cache_root
     from brain_diffuser_core.nsd import load_subject
@@ -73,7 +78,8 @@ def main(argv=None) -> int:
             for s in members:
                 ids, _ = top_driving_images(subs[s].train_fmri, subs[s].train_image_ids, patterns[s], k=per)
                 world_images += [subs[s].image(int(i)) for i in ids]
-            recs = diffuser.reconstruct_pattern(patterns, name=f"eccentricity/{band}/{label}", n_seeds=args.seeds)
+            recs = diffuser.reconstruct_pattern(patterns, name=f"eccentricity/{band}/{label}", n_seeds=args.seeds,
+                                                 **overrides)
             sets["world"][band] = to_world_size(np.stack(world_images))
             sets["stage 1"][band] = to_world_size(np.stack([r.stage1_upscaled for r in recs]))
             sets["final"][band] = to_world_size(np.stack([r.final for r in recs]))
