@@ -160,6 +160,6 @@ def differential_contrast_centroids(images_by_band: Mapping[str, np.ndarray], fi
     for band, prof in profiles.items():
         scale = float(prof @ common) / norm if norm > 0 else 0.0
         d = np.clip(prof - scale * common, 0.0, None)
-        out[band] = float((d * centres).sum() / d.sum()) if d.sum() > 1e-12 * max(float(prof.sum()), 1e-30) \
-            else float("nan")
+        # 0 <= d <= prof (scale >= 0), so a residual below rounding of the profile is nothing left
+        out[band] = float((d * centres).sum() / d.sum()) if d.sum() > 1e-12 * prof.sum() else float("nan")
     return out
