@@ -75,6 +75,7 @@ from ..nsd_format import (
     write_white_to_fsaverage,
 )
 from ..seeding import seed_for
+from .observer import DEFAULT_NOISE_SD
 from .scenes import CATEGORIES, IMAGE_SIZE, generate_scene, scene_seed
 
 __all__ = [
@@ -100,7 +101,7 @@ DEFAULT_PARAMS: dict = {
     "train_repeats": 3,
     "subjects": [1, 2, 5, 7],
     "seed": 0,
-    "noise_sd": 3.0,
+    "noise_sd": DEFAULT_NOISE_SD,  # NSD's noise ceiling (observer module docstring)
 }
 WORLD_JSON = "world.json"
 _SCENE_CHUNK = 500

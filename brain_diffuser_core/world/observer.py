@@ -56,12 +56,14 @@ gain (lognormal, median 1.0), plus a baseline (about 0.5). Units are percent-sig
 
 **Noise.** Trial noise = ``noise_sd * (sqrt(1 - rho) * e_voxel + sqrt(rho) * l_voxel * e_trial)``,
 Gaussian, with a shared trial component (``rho = 0.2``, per-voxel loadings ``l``) like NSD's global
-fluctuations. With the default ``noise_sd = 3.0`` the single-trial signal-to-noise variance ratio is about
-0.13 for voxels whose pRF lies on the image (0.09 over all voxels; subject 1) and two repeats of a scene
-correlate about 0.1 per voxel, in the range of NSD's single-trial betas; averaging three repeats triples the
-ratio. Pooled over thousands of voxels, linear decoding still works well (measured on subject 1, ridge
-alpha 2e4 fitted on 8,000 single trials, tested on 2,000: 6-way scene category 99% correct; the observer's own
-input channels predicted with median r 0.71). Targets the observer does not encode linearly (VDVAE latents,
+fluctuations. ``noise_sd`` (default :data:`DEFAULT_NOISE_SD` = 2.3) is set so the world's noise ceiling,
+computed as NSD does (``benchmarks/world_noise_ceiling.py``: ncsnr = signal sd / noise sd, NC = ncsnr^2 /
+(ncsnr^2 + 1/n)), is NSD's: median ncsnr 0.33, NC 10% for a single trial and 24-25% for the mean of 3 trials
+(on-image voxels 30-31%), beside the 24.2% reported for NSD's volumetric nsdgeneral voxels (brain-score's
+Allen2022 notebooks; not checked against NSD's files here). The world before 2026-12-04 used 3.0 (NC 16% for
+3 trials: noisier than NSD). Pooled over thousands of voxels, linear decoding works well even at 3.0
+(measured on subject 1, ridge alpha 2e4 fitted on 8,000 single trials, tested on 2,000: 6-way scene category
+99% correct; the observer's own input channels predicted with median r 0.71). Targets the observer does not encode linearly (VDVAE latents,
 CLIP embeddings) decode less well; raise ``noise_sd`` for a harder world.
 
 Example
@@ -92,6 +94,7 @@ __all__ = [
     "ROI_FILES",
     "CHANNELS",
     "GRID",
+    "DEFAULT_NOISE_SD",
     "VOLUME_SHAPE",
     "VOXEL_SIZE_MM",
     "Tuning",
@@ -121,6 +124,8 @@ CHANNELS: tuple[str, ...] = ("contrast_fine", "contrast_mid", "contrast_coarse",
                              "face", "body", "place", "word", "object")
 #: Side of the pooling grid over the image.
 GRID = 16
+#: Trial noise sd (percent signal change) of the default world: NSD's noise ceiling (see the module docstring).
+DEFAULT_NOISE_SD = 2.3
 #: Volume the patch vertices are arranged into (see :attr:`Observer.voxel_ijk`) and its voxel size.
 VOLUME_SHAPE: tuple[int, int, int] = (36, 24, 20)
 VOXEL_SIZE_MM = 4.0
@@ -386,7 +391,7 @@ class Observer:
         Ground truth.
     """
 
-    def __init__(self, subject: int, seed: int = 0, noise_sd: float = 3.0):
+    def __init__(self, subject: int, seed: int = 0, noise_sd: float = DEFAULT_NOISE_SD):
         # 1. Check inputs
         subjects = list(PAPER.nsd.subjects)
         if subject not in subjects:
