@@ -31,6 +31,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def roi_image_sets(diffuser, subs: dict, members: list[int], roi: str, *, k: int, seeds: int, name: str,
+                   overrides: dict | None = None) -> dict[str, np.ndarray]:
+    """The three image sets of one ROI: {"world", "stage 1", "final"} -> uint8 (n, 64, 64, 3) at the world's size.
+
+    world: the ``k`` training images whose simulated response inside the ROI is largest (``k`` / len(members)
+    of each member subject); stage 1 and final: the ROI's ``seeds`` ROI-optimal scenes for the members (the
+    subject average when several), seeded by ``name``.
+    """
+    from brain_diffuser_core.patterns import top_driving_images
+    from brain_diffuser_core.world.measures import to_world_size
+
+    patterns = {s: subs[s].synthetic_pattern({roi: 1.0}) for s in members}
+    world_images = []
+    for s in members:
+        ids, _ = top_driving_images(subs[s].train_fmri, subs[s].train_image_ids, patterns[s],
+                                    k=max(1, k // len(members)))
+        world_images += [subs[s].image(int(i)) for i in ids]
+    recs = diffuser.reconstruct_pattern(patterns, name=name, n_seeds=seeds, **(overrides or {}))
+    return {"world": to_world_size(np.stack(world_images)),
+            "stage 1": to_world_size(np.stack([r.stage1_upscaled for r in recs])),
+            "final": to_world_size(np.stack([r.final for r in recs]))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", default="1,2,5,7", help="comma-separated demo subjects (the average is added)")
@@ -50,12 +73,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from brain_diffuser_core.config import cache_root
     from brain_diffuser_core.nsd import load_subject
-    from brain_diffuser_core.patterns import top_driving_images
     from brain_diffuser_core.pipeline import BrainDiffuser
     from brain_diffuser_core.world.build import ensure_world
     from brain_diffuser_core.world.demo import ensure_demo_bundle
-    from brain_diffuser_core.world.measures import (contrast_centroid_deg, differential_contrast_centroids,
-                                                    to_world_size)
+    from brain_diffuser_core.world.measures import contrast_centroid_deg, differential_contrast_centroids
     from brain_diffuser_core.world.validate import ECCENTRICITY_ROIS
 
     cache = cache_root() if args.cache_dir is None else args.cache_dir
@@ -72,17 +93,10 @@ def main(argv=None) -> int:
     for label, members in groups:
         sets = {"world": {}, "stage 1": {}, "final": {}}
         for band in bands:
-            patterns = {s: subs[s].synthetic_pattern({band: 1.0}) for s in members}
-            per = max(1, args.k // len(members))
-            world_images = []
-            for s in members:
-                ids, _ = top_driving_images(subs[s].train_fmri, subs[s].train_image_ids, patterns[s], k=per)
-                world_images += [subs[s].image(int(i)) for i in ids]
-            recs = diffuser.reconstruct_pattern(patterns, name=f"eccentricity/{band}/{label}", n_seeds=args.seeds,
-                                                 **overrides)
-            sets["world"][band] = to_world_size(np.stack(world_images))
-            sets["stage 1"][band] = to_world_size(np.stack([r.stage1_upscaled for r in recs]))
-            sets["final"][band] = to_world_size(np.stack([r.final for r in recs]))
+            got = roi_image_sets(diffuser, subs, members, band, k=args.k, seeds=args.seeds,
+                                 name=f"eccentricity/{band}/{label}", overrides=overrides)
+            for kind, images in got.items():
+                sets[kind][band] = images
             if args.sheet and label == groups[0][0]:
                 gap = np.full((sets["world"][band].shape[1], 8, 3), 255, np.uint8)
                 sheet_rows.append(np.concatenate(list(sets["world"][band][:6]) + [gap]

@@ -1,0 +1,79 @@
+"""V1 against hV4 on the demo: finer and higher-contrast (V1), more colourful (V4)? World, stage 1 and final.
+
+For each subject (and the subject average) and each of V1 and V4, the three image sets of
+``demo_eccentricity.roi_image_sets``: the world's ``--k`` top-driving training images (the reference any decoder
+can at best recover), the ROI-optimal stage-1 images and the final scenes (``--seeds`` each). Printed per set:
+mean high-frequency energy fraction (``world.measures.hf_energy_fraction``, power above the cutoff over all
+non-DC power), RMS contrast (sd of grey levels, 0-255) and colourfulness (Hasler & Suesstrunk 2003), and
+whether V1 > V4 (HF, contrast) and V4 > V1 (colourfulness).
+
+    python benchmarks/demo_v1_v4.py [--subjects 1,2,5,7] [--seeds 8] [--k 64] [--cache-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from demo_eccentricity import roi_image_sets  # noqa: E402  (sibling benchmark, same folder)
+
+
+def rms_contrast(images: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> float32 (n,): sd of the Rec. 601 grey image, 0-255 levels."""
+    grey = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return grey.reshape(len(images), -1).std(1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="1,2,5,7", help="comma-separated demo subjects (the average is added)")
+    ap.add_argument("--seeds", type=int, default=8, help="ROI-optimal scenes per ROI")
+    ap.add_argument("--k", type=int, default=64, help="top-driving training images per ROI")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.seeds < 1 or args.k < 1:
+        ap.error("--seeds and --k must be >= 1")
+    torch.set_num_threads(args.threads)
+    from brain_diffuser_core.config import cache_root
+    from brain_diffuser_core.nsd import load_subject
+    from brain_diffuser_core.pipeline import BrainDiffuser
+    from brain_diffuser_core.world.build import ensure_world
+    from brain_diffuser_core.world.demo import ensure_demo_bundle
+    from brain_diffuser_core.world.measures import colourfulness, hf_energy_fraction
+
+    cache = cache_root() if args.cache_dir is None else args.cache_dir
+    bundle = ensure_demo_bundle(cache)
+    world = ensure_world(cache)
+    diffuser = BrainDiffuser(bundle, device="cpu")
+    subjects = [int(s) for s in args.subjects.split(",")]
+    subs = {s: load_subject(world, s, cache_dir=f"{cache}/nsd", progress=False) for s in subjects}
+    groups = [(f"subj{s:02d}", [s]) for s in subjects] + ([("average", subjects)] if len(subjects) > 1 else [])
+    measures = {"HF": hf_energy_fraction, "contrast": rms_contrast, "colour": colourfulness}
+    print(f"{'subject':<8} {'images':<8}" + "".join(f" {m + ' V1':>11} {m + ' V4':>11}" for m in measures)
+          + "   V1>V4 HF  V1>V4 contrast  V4>V1 colour")
+    tally = {kind: [0, 0, 0] for kind in ("world", "stage 1", "final")}
+    for label, members in groups:
+        sets = {roi: roi_image_sets(diffuser, subs, members, roi, k=args.k, seeds=args.seeds,
+                                    name=f"v1-v4/{roi}/{label}") for roi in ("V1", "V4")}
+        for kind in tally:
+            vals = {m: {roi: float(np.mean(f(sets[roi][kind]))) for roi in sets} for m, f in measures.items()}
+            checks = [vals["HF"]["V1"] > vals["HF"]["V4"], vals["contrast"]["V1"] > vals["contrast"]["V4"],
+                      vals["colour"]["V4"] > vals["colour"]["V1"]]
+            for i, ok in enumerate(checks):
+                tally[kind][i] += int(ok)
+            print(f"{label:<8} {kind:<8}" + "".join(f" {vals[m]['V1']:11.3f} {vals[m]['V4']:11.3f}" for m in measures)
+                  + "   " + "  ".join(f"{'yes' if ok else 'no':>8}" for ok in checks), flush=True)
+    n = len(groups)
+    for kind, (hf, contrast, colour) in tally.items():
+        print(f"{kind:<8}: V1 finer {hf}/{n}, V1 higher-contrast {contrast}/{n}, V4 more colourful {colour}/{n} "
+              "(subjects and the average)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
