@@ -10,7 +10,6 @@ median NC for 1 and 3 trials, over all voxels and over voxels whose pRF lies on 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -36,10 +35,7 @@ def main() -> None:
           f"{'ncsnr':>6s} {'NC 1':>6s} {'NC 3':>6s}")
     for s in [int(x) for x in args.subjects.split(",")]:
         ob = obs_mod.Observer(s, noise_sd=noise_sd)
-        signal = ob.responses(feats, noise=False).std(0)
-        rho = obs_mod._NOISE_RHO
-        noise = noise_sd * np.sqrt((1 - rho) + rho * ob._noise_loading.astype(np.float64) ** 2)
-        ncsnr = signal / noise
+        ncsnr = ob.ncsnr(feats).astype(np.float64)
 
         def nc(k, sel):
             return float(np.median(100 * ncsnr[sel] ** 2 / (ncsnr[sel] ** 2 + 1.0 / k)))

@@ -169,6 +169,25 @@ def test_noise_repeats_differ_but_correlate(obs, world):
     assert rng_draw.shape == a.shape and not np.allclose(rng_draw, a)
 
 
+def test_ncsnr_matches_nsd_estimator_on_simulated_repeats_and_the_default_is_nsd_like(obs, world):
+    _, feats, labels = world
+    n, reps = len(labels), 3
+    ncsnr = obs.ncsnr(feats)
+    assert ncsnr.shape == (obs.n_voxels,) and ncsnr.dtype == np.float32 and (ncsnr >= 0).all()
+    # NSD's estimator from the trials themselves (Allen et al. 2022): noise variance = mean over images of the
+    # variance across repeats; signal variance = variance of the trial betas minus the noise variance
+    trials = np.stack([obs.responses(feats, seeds=range(r * n, (r + 1) * n)) for r in range(reps)]).astype(np.float64)
+    noise_var = trials.var(axis=0, ddof=1).mean(axis=0)
+    signal_var = np.clip(trials.reshape(-1, obs.n_voxels).var(axis=0, ddof=1) - noise_var, 0, None)
+    empirical = np.sqrt(signal_var / noise_var)
+    assert np.median(empirical) == pytest.approx(float(np.median(ncsnr)), rel=0.05)
+    # the default noise gives NSD's noise ceiling for 3-trial means (24.2% reported for nsdgeneral voxels)
+    nc3 = 100 * ncsnr ** 2 / (ncsnr ** 2 + 1 / 3)
+    assert 20.0 < float(np.median(nc3)) < 30.0
+    # and it scales as 1 / noise_sd
+    np.testing.assert_allclose(Observer(1, noise_sd=2 * obs.noise_sd).ncsnr(feats), ncsnr / 2, rtol=1e-5)
+
+
 def test_bad_arguments_are_named(obs, world):
     with pytest.raises(ValueError, match=r"'subject' must be one of \[1, 2, 5, 7\]; 3 was provided"):
         Observer(3)

@@ -622,5 +622,15 @@ class Observer:
         eps = (math.sqrt(1 - _NOISE_RHO) * e[:, :-1] + math.sqrt(_NOISE_RHO) * self._noise_loading * e[:, -1:])
         return (out + self.noise_sd * eps).astype(np.float32)
 
+    def ncsnr(self, scenes: Sequence[Scene] | np.ndarray) -> np.ndarray:
+        """NSD's noise-ceiling SNR per voxel (Allen et al. 2022): sd of the noise-free responses over ``scenes``
+        over the sd of the trial noise. float32 (n_voxels,); the noise ceiling of the mean of n trials is
+        ``100 * ncsnr^2 / (ncsnr^2 + 1/n)`` percent. Trial noise sd of a voxel: ``noise_sd * sqrt((1 - rho) +
+        rho * loading^2)`` (:meth:`add_noise`).
+        """
+        signal = self.responses(scenes, noise=False).astype(np.float64).std(0)
+        noise = self.noise_sd * np.sqrt((1 - _NOISE_RHO) + _NOISE_RHO * self._noise_loading.astype(np.float64) ** 2)
+        return (signal / np.where(noise > 0, noise, np.inf)).astype(np.float32)
+
     def __repr__(self) -> str:
         return f"Observer(subject={self.subject}, seed={self.seed}, n_voxels={self.n_voxels})"
