@@ -31,6 +31,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def demo_arguments(description: str, unit: str) -> argparse.ArgumentParser:
+    """The options every ROI benchmark of the demo shares: --subjects, --seeds, --k, --threads, --cache-dir."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="1,2,5,7", help="comma-separated demo subjects (the average is added)")
+    ap.add_argument("--seeds", type=int, default=8, help=f"ROI-optimal scenes per {unit}")
+    ap.add_argument("--k", type=int, default=64, help=f"top-driving training images per {unit}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None)
+    return ap
+
+
+def load_demo(cache_dir: str | None, subjects_csv: str):
+    """The cached demo (built first if missing): (BrainDiffuser, {subject: Subject}, groups), where groups are
+    ("subjNN", [subject]) per subject plus ("average", subjects) when there are several."""
+    from brain_diffuser_core.config import cache_root
+    from brain_diffuser_core.nsd import load_subject
+    from brain_diffuser_core.pipeline import BrainDiffuser
+    from brain_diffuser_core.world.build import ensure_world
+    from brain_diffuser_core.world.demo import ensure_demo_bundle
+
+    cache = cache_root() if cache_dir is None else cache_dir
+    bundle = ensure_demo_bundle(cache)
+    world = ensure_world(cache)
+    subjects = [int(s) for s in subjects_csv.split(",")]
+    subs = {s: load_subject(world, s, cache_dir=f"{cache}/nsd", progress=False) for s in subjects}
+    groups = [(f"subj{s:02d}", [s]) for s in subjects] + ([("average", subjects)] if len(subjects) > 1 else [])
+    return BrainDiffuser(bundle, device="cpu"), subs, groups
+
+
 def roi_image_sets(diffuser, subs: dict, members: list[int], roi: str, *, k: int, seeds: int, name: str,
                    overrides: dict | None = None) -> dict[str, np.ndarray]:
     """The three image sets of one ROI: {"world", "stage 1", "final"} -> uint8 (n, 64, 64, 3) at the world's size.
@@ -55,12 +84,7 @@ def roi_image_sets(diffuser, subs: dict, members: list[int], roi: str, *, k: int
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subjects", default="1,2,5,7", help="comma-separated demo subjects (the average is added)")
-    ap.add_argument("--seeds", type=int, default=8, help="ROI-optimal scenes per band")
-    ap.add_argument("--k", type=int, default=64, help="top-driving training images per band")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None)
+    ap = demo_arguments(__doc__, "band")
     ap.add_argument("--sheet", default=None, metavar="PNG")
     ap.add_argument("--strength", type=float, default=None,
                     help="stage-2 img2img strength (default: the paper's 0.75); lower keeps more of stage 1")
@@ -71,22 +95,11 @@ def main(argv=None) -> int:
         ap.error(f"--strength must be in (0, 1]; {args.strength} was provided")
     overrides = {} if args.strength is None else {"strength": args.strength}
     torch.set_num_threads(args.threads)
-    from brain_diffuser_core.config import cache_root
-    from brain_diffuser_core.nsd import load_subject
-    from brain_diffuser_core.pipeline import BrainDiffuser
-    from brain_diffuser_core.world.build import ensure_world
-    from brain_diffuser_core.world.demo import ensure_demo_bundle
     from brain_diffuser_core.world.measures import contrast_centroid_deg, differential_contrast_centroids
     from brain_diffuser_core.world.validate import ECCENTRICITY_ROIS
 
-    cache = cache_root() if args.cache_dir is None else args.cache_dir
-    bundle = ensure_demo_bundle(cache)
-    world = ensure_world(cache)
-    diffuser = BrainDiffuser(bundle, device="cpu")
-    subjects = [int(s) for s in args.subjects.split(",")]
-    subs = {s: load_subject(world, s, cache_dir=f"{cache}/nsd", progress=False) for s in subjects}
+    diffuser, subs, groups = load_demo(args.cache_dir, args.subjects)
     bands = list(ECCENTRICITY_ROIS)
-    groups = [(f"subj{s:02d}", [s]) for s in subjects] + ([("average", subjects)] if len(subjects) > 1 else [])
 
     print(f"{'subject':<8} {'images':<7} measure      " + " ".join(f"{b:>7}" for b in bands) + "  outward")
     sheet_rows = []

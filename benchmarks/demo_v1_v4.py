@@ -11,7 +11,6 @@ whether V1 > V4 (HF, contrast) and V4 > V1 (colourfulness).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo_eccentricity import roi_image_sets  # noqa: E402  (sibling benchmark, same folder)
+from demo_eccentricity import demo_arguments, load_demo, roi_image_sets  # noqa: E402  (sibling benchmark, same folder)
 
 
 def rms_contrast(images: np.ndarray) -> np.ndarray:
@@ -29,30 +28,14 @@ def rms_contrast(images: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subjects", default="1,2,5,7", help="comma-separated demo subjects (the average is added)")
-    ap.add_argument("--seeds", type=int, default=8, help="ROI-optimal scenes per ROI")
-    ap.add_argument("--k", type=int, default=64, help="top-driving training images per ROI")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None)
+    ap = demo_arguments(__doc__, "ROI")
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.k < 1:
         ap.error("--seeds and --k must be >= 1")
     torch.set_num_threads(args.threads)
-    from brain_diffuser_core.config import cache_root
-    from brain_diffuser_core.nsd import load_subject
-    from brain_diffuser_core.pipeline import BrainDiffuser
-    from brain_diffuser_core.world.build import ensure_world
-    from brain_diffuser_core.world.demo import ensure_demo_bundle
     from brain_diffuser_core.world.measures import colourfulness, hf_energy_fraction
 
-    cache = cache_root() if args.cache_dir is None else args.cache_dir
-    bundle = ensure_demo_bundle(cache)
-    world = ensure_world(cache)
-    diffuser = BrainDiffuser(bundle, device="cpu")
-    subjects = [int(s) for s in args.subjects.split(",")]
-    subs = {s: load_subject(world, s, cache_dir=f"{cache}/nsd", progress=False) for s in subjects}
-    groups = [(f"subj{s:02d}", [s]) for s in subjects] + ([("average", subjects)] if len(subjects) > 1 else [])
+    diffuser, subs, groups = load_demo(args.cache_dir, args.subjects)
     measures = {"HF": hf_energy_fraction, "contrast": rms_contrast, "colour": colourfulness}
     print(f"{'subject':<8} {'images':<8}" + "".join(f" {m + ' V1':>11} {m + ' V4':>11}" for m in measures)
           + "   V1>V4 HF  V1>V4 contrast  V4>V1 colour")
