@@ -21,19 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demo_eccentricity import demo_arguments, load_demo, roi_image_sets  # noqa: E402  (sibling benchmark, same folder)
 
 
-def rms_contrast(images: np.ndarray) -> np.ndarray:
-    """uint8 (n, H, W, 3) -> float32 (n,): sd of the Rec. 601 grey image, 0-255 levels."""
-    grey = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return grey.reshape(len(images), -1).std(1)
-
-
 def main(argv=None) -> int:
     ap = demo_arguments(__doc__, "ROI")
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.k < 1:
         ap.error("--seeds and --k must be >= 1")
     torch.set_num_threads(args.threads)
-    from brain_diffuser_core.world.measures import colourfulness, hf_energy_fraction
+    from brain_diffuser_core.world.measures import colourfulness, hf_energy_fraction, rms_contrast
 
     diffuser, subs, groups = load_demo(args.cache_dir, args.subjects)
     measures = {"HF": hf_energy_fraction, "contrast": rms_contrast, "colour": colourfulness}

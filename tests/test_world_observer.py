@@ -186,6 +186,9 @@ def test_ncsnr_matches_nsd_estimator_on_simulated_repeats_and_the_default_is_nsd
     assert 20.0 < float(np.median(nc3)) < 30.0
     # and it scales as 1 / noise_sd
     np.testing.assert_allclose(Observer(1, noise_sd=2 * obs.noise_sd).ncsnr(feats), ncsnr / 2, rtol=1e-5)
+    # without noise the ceiling is perfect wherever there is signal, not zero
+    noiseless = Observer(1, noise_sd=0.0).ncsnr(feats)
+    assert np.isinf(noiseless[ncsnr > 0]).all()
 
 
 def test_bad_arguments_are_named(obs, world):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from brain_diffuser_core.world.scenes import FIELD_DEG, generate_scene, generate_scenes, scene_seed
-from brain_diffuser_core.world.measures import colourfulness, contrast_centroid_deg, hf_energy_fraction, to_world_size
+from brain_diffuser_core.world.measures import (colourfulness, contrast_centroid_deg, hf_energy_fraction, rms_contrast,
+                                                to_world_size)
 from brain_diffuser_core.world.validate_judges import ClipJudge, DecodedCategoryCheck, ObserverJudge
 from brain_diffuser_core.world.validate_report import ValidationReport
 
@@ -49,6 +50,19 @@ def test_colourfulness_matches_hasler_suesstrunk_by_hand():
     assert got[0] == pytest.approx(0.0, abs=1e-6)
     assert got[1] == pytest.approx(want, rel=1e-5)
     assert want > 100  # a red/green split is very colourful
+
+
+def test_rms_contrast_is_the_grey_images_sd():
+    flat = np.full((8, 8, 3), 90, np.uint8)
+    split = np.zeros((8, 8, 3), np.uint8)
+    split[:, 4:] = 255  # half black, half white: grey 0 and 255, sd 127.5
+    tinted = np.zeros((8, 8, 3), np.uint8)
+    tinted[:, 4:] = (255, 0, 0)  # a red half: Rec. 601 grey 0.299 * 255
+    got = rms_contrast(np.stack([flat, split, tinted]))
+    assert got.dtype == np.float32
+    assert got[0] == pytest.approx(0.0, abs=1e-6)
+    assert got[1] == pytest.approx(127.5, rel=1e-5)
+    assert got[2] == pytest.approx(0.299 * 255 / 2, rel=1e-4)
 
 
 def _dot(cx: float, cy: float, size: int = 64, r: int = 3) -> np.ndarray:

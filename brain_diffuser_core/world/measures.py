@@ -26,6 +26,7 @@ __all__ = [
     "to_world_size",
     "hf_energy_fraction",
     "colourfulness",
+    "rms_contrast",
     "contrast_centroid_deg",
     "differential_contrast_centroids",
 ]
@@ -97,6 +98,12 @@ def colourfulness(images) -> np.ndarray:
     std = np.sqrt(rg.std(1) ** 2 + yb.std(1) ** 2)
     mean = np.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2)
     return (std + 0.3 * mean).astype(np.float32)
+
+
+def rms_contrast(images) -> np.ndarray:
+    """RMS contrast of uint8 RGB images: sd of the Rec. 601 grey image over its pixels, 0-255 levels, float32 (n,)."""
+    grey = as_uint8_batch(images).astype(np.float32) @ _GREY
+    return grey.reshape(len(grey), -1).std(1).astype(np.float32)
 
 
 def _contrast_energy(images, field_deg: float, sigma_deg: float) -> tuple[np.ndarray, np.ndarray]:

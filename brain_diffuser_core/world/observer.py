@@ -63,8 +63,8 @@ computed as NSD does (``benchmarks/world_noise_ceiling.py``: ncsnr = signal sd /
 Allen2022 notebooks; not checked against NSD's files here). The world before 2026-12-04 used 3.0 (NC 16% for
 3 trials: noisier than NSD). Pooled over thousands of voxels, linear decoding works well even at 3.0
 (measured on subject 1, ridge alpha 2e4 fitted on 8,000 single trials, tested on 2,000: 6-way scene category
-99% correct; the observer's own input channels predicted with median r 0.71). Targets the observer does not encode linearly (VDVAE latents,
-CLIP embeddings) decode less well; raise ``noise_sd`` for a harder world.
+99% correct; the observer's own input channels predicted with median r 0.71). Targets the observer does not
+encode linearly (VDVAE latents, CLIP embeddings) decode less well; raise ``noise_sd`` for a harder world.
 
 Example
 -------
@@ -626,11 +626,12 @@ class Observer:
         """NSD's noise-ceiling SNR per voxel (Allen et al. 2022): sd of the noise-free responses over ``scenes``
         over the sd of the trial noise. float32 (n_voxels,); the noise ceiling of the mean of n trials is
         ``100 * ncsnr^2 / (ncsnr^2 + 1/n)`` percent. Trial noise sd of a voxel: ``noise_sd * sqrt((1 - rho) +
-        rho * loading^2)`` (:meth:`add_noise`).
+        rho * loading^2)`` (:meth:`add_noise`). Without noise (``noise_sd = 0``) a voxel with any signal is inf.
         """
         signal = self.responses(scenes, noise=False).astype(np.float64).std(0)
         noise = self.noise_sd * np.sqrt((1 - _NOISE_RHO) + _NOISE_RHO * self._noise_loading.astype(np.float64) ** 2)
-        return (signal / np.where(noise > 0, noise, np.inf)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(signal > 0, signal / noise, 0.0).astype(np.float32)
 
     def __repr__(self) -> str:
         return f"Observer(subject={self.subject}, seed={self.seed}, n_voxels={self.n_voxels})"

@@ -66,7 +66,7 @@ import numpy as np
 from ..rois import PAPER_ROIS, roi_spec
 from ..seeding import seed_for
 from .measures import (CONTRAST_SIGMA_DEG, HF_CUTOFF_CPD, colourfulness, contrast_centroid_deg,
-                       differential_contrast_centroids, hf_energy_fraction, to_world_size)
+                       differential_contrast_centroids, hf_energy_fraction, rms_contrast, to_world_size)
 from .validate_judges import (CATEGORY_ROIS, DECODED_FEATURES, JUDGES, ClipJudge, CoverageModel,
                               DecodedCategoryCheck, ObserverJudge, _load_clip, _load_clip_judge,
                               world_calibration_scenes)
@@ -82,6 +82,7 @@ __all__ = [
     "to_world_size",
     "hf_energy_fraction",
     "colourfulness",
+    "rms_contrast",
     "contrast_centroid_deg",
     "differential_contrast_centroids",
     "CoverageModel",
