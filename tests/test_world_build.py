@@ -102,7 +102,7 @@ def test_sessions_hold_exactly_the_per_trial_recipe_and_nibabels_bytes(world, su
     """The build computes noise-free responses once per image and writes F-ordered volumes with its own gzip
     stream; the files must still decode to exactly what the per-trial recipe (``obs.responses`` of each
     trial's image with its seed, x 300, rounded to int16) gives, as the bytes nibabel writes for that array."""
-    from brain_diffuser_core.world.observer import scene_features
+    from brain_diffuser_core.world.channels import scene_features
 
     info, _ = world
     feats = scene_features(scenes)
@@ -132,7 +132,7 @@ def test_sessions_hold_exactly_the_per_trial_recipe_and_nibabels_bytes(world, su
 def test_observer_add_noise_is_responses_split_in_two():
     obs = Observer(5)
     scenes_ = generate_scenes(20, seed=3)
-    from brain_diffuser_core.world.observer import scene_features
+    from brain_diffuser_core.world.channels import scene_features
 
     feats = scene_features(scenes_)
     ids = np.array([0, 3, 3, 19, 0, 7])

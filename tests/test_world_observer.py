@@ -1,15 +1,8 @@
 import numpy as np
 import pytest
 
-from brain_diffuser_core.world.observer import (
-    CHANNELS,
-    GRID,
-    ROI_FILES,
-    ROI_TABLES,
-    VOLUME_SHAPE,
-    Observer,
-    scene_features,
-)
+from brain_diffuser_core.world.channels import CHANNELS, GRID, scene_features
+from brain_diffuser_core.world.observer import ROI_FILES, ROI_TABLES, VOLUME_SHAPE, Observer
 from brain_diffuser_core.world.scenes import CATEGORIES, category_labels, generate_scenes
 from nsd_fixtures import NSD_LABELS
 
@@ -124,6 +117,38 @@ def test_retinotopy_is_contralateral_and_upper_field_ventral(obs):
     assert y[1, left_hemi].mean() > y[1, right_hemi].mean()
     v1v, v1d = vis == 1, vis == 2  # ventral V1 = upper field
     assert y[2, v1v].mean() - y[3, v1v].mean() > 0 > y[2, v1d].mean() - y[3, v1d].mean()
+
+
+def test_opponent_channels_carry_hue_and_luminance_and_early_voxels_are_hue_tuned(obs):
+    from brain_diffuser_core.world.scenes import Scene
+
+    def flat(rgb):
+        img = np.zeros((64, 64, 3), np.uint8)
+        img[:] = rgb
+        return Scene(image=img, objects=[], category="texture", captions=[""] * 5, seed=0)
+
+    colours = {"red": (220, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 220), "yellow": (220, 220, 40),
+               "white": (250, 250, 250), "black": (10, 10, 10)}
+    feats = scene_features([flat(c) for c in colours.values()])
+    mean = {name: feats[i].mean(axis=(1, 2)) for i, name in enumerate(colours)}
+    lum, rg, by = (CHANNELS.index(c) for c in ("luminance", "red_green", "blue_yellow"))
+    assert mean["red"][rg] > 0.5 > -0.5 > mean["green"][rg]
+    assert mean["blue"][by] > 0.5 > -0.5 > mean["yellow"][by]
+    assert mean["white"][lum] > 0.4 > -0.4 > mean["black"][lum]
+    assert abs(mean["white"][rg]) < 1e-6 and abs(mean["black"][by]) < 1e-6  # greys carry no hue
+    # a flat field has no contrast and covers no category: only the opponent channels (and saturation) differ
+    y = obs.responses(feats, noise=False)
+    red_minus_green = y[0] - y[1]
+    vis = obs.roi_labels()["prf-visualrois"]
+    for labels, strong in (([1, 2], 0.2), ([7], 0.5)):  # V1, hV4 (hV4's hue weight is the largest)
+        m = np.isin(vis, labels) & (obs.tuning.visibility > 0.5)
+        per_voxel = np.abs(red_minus_green[m])
+        assert np.median(per_voxel) > strong, (labels, np.median(per_voxel))
+        # each voxel has its own preferred hue: the ROI's mean response hardly tells red from green
+        assert abs(red_minus_green[m].mean()) < 0.25 * per_voxel.mean()
+    # category areas are not colour tuned
+    faces = obs.roi_labels()["floc-faces"] > 0
+    np.testing.assert_allclose(y[0, faces], y[1, faces], atol=1e-5)
 
 
 def test_eccentricity_bands_are_ordered_outward(obs):

@@ -91,7 +91,7 @@ __all__ = [
 ]
 
 #: bump whenever the files' layout or meaning changes: older caches are then rebuilt, never misread
-WORLD_FORMAT_VERSION = 3
+WORLD_FORMAT_VERSION = 4  # 4: opponent colour channels in the observer (2026-12-07)
 #: build parameters of the default world (the app's): every image shown 3 times as in NSD;
 #: 3 x 3,600 + 3 x 120 = 11,160 trials, 15 sessions (the last filled with extra train repeats)
 DEFAULT_PARAMS: dict = {
@@ -244,7 +244,8 @@ def _subject_order(ijk: np.ndarray) -> np.ndarray:
 def _write_subject(root: Path, subject: int, obs, feats: np.ndarray, design: dict, p: dict,
                    tick: Callable[[str], None]) -> int:
     """Write one subject's ROI volumes, betas sessions and ground truth; return its voxel count."""
-    from .observer import CHANNELS, ROI_FILES, VOLUME_SHAPE
+    from .channels import CHANNELS
+    from .observer import ROI_FILES, VOLUME_SHAPE
 
     paths = NSDPaths(root, subject)
     ijk = obs.voxel_ijk
@@ -367,7 +368,8 @@ def build_world(
     -------
     WorldInfo
     """
-    from .observer import Observer, scene_features
+    from .channels import scene_features
+    from .observer import Observer
 
     # 1. Check inputs
     p = world_params(n_train=n_train, n_test=n_test, test_repeats=test_repeats, train_repeats=train_repeats,

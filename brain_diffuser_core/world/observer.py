@@ -40,19 +40,23 @@ words (left hemisphere only, after the literature's left lateralisation): OWFA (
 **Omitted**: aTL-faces (anterior temporal pole, ``y ~ -8``, outside the posterior patch): label 5 of
 floc-faces never occurs. Label values follow NSD's files (:data:`ROI_TABLES`).
 
-**Responses.** Each scene is summarised on a 16 x 16 grid over the 8.4 deg image by channels
-(:data:`CHANNELS`): local contrast energy in three bands (fine: ``grey - G_0.8``; mid: ``G_1 - G_2.5``;
-coarse: ``G_2.5 - G_6``, sigma in 64-px pixels; RMS per cell), colour saturation ``(max - min) / 255``,
-and per-category coverage of the scene graph's objects (face, body, place, word, object: fraction of each
-cell inside the object's box). A voxel's drive is ``sum_c w_c * <pRF, channel_c>`` with a Gaussian pRF
+**Responses.** Each scene is summarised on a 16 x 16 grid over the 8.4 deg image by the channels of
+:mod:`.channels` (three contrast bands, saturation, the local mean colour in an opponent space: luminance,
+red-green, blue-yellow, and the coverage of each category's objects), scaled to mean magnitude 1 over a
+reference set of scenes. A voxel's drive is ``sum_c w_c * <pRF, channel_c>`` with a Gaussian pRF
 normalised to unit volume over the whole visual field (so pRFs off the image get little drive). Weights:
 V1 prefers fine contrast (1.0, 0.35, 0.1 over fine/mid/coarse; saturation 0.05); V2 (0.6, 0.7, 0.2; 0.15);
-V3 (0.35, 0.7, 0.4; 0.3); hV4 (0.1, 0.4, 0.4; saturation 1.0, object 0.4). Category areas weight their
-category's coverage 1.0 plus mid contrast 0.15, with large pRFs (sigma 1.5-3.5 deg) near the fovea (places:
-larger and more eccentric). Other patch vertices take a random Dirichlet mixture of all channels and a random
-pRF. Each voxel's drive is standardised with its mean and standard deviation over a fixed reference set of
-120 scenes, multiplied by the fraction of its pRF that falls on the image and by a per-subject, per-voxel
-gain (lognormal, median 1.0), plus a baseline (about 0.5). Units are percent-signal-change-like.
+V3 (0.35, 0.7, 0.4; 0.3); hV4 (0.1, 0.4, 0.4; saturation 1.0, object 0.4). Every V1-hV4 voxel also has
+its own luminance sign (ON or OFF) and preferred hue (a random direction in the red-green x blue-yellow
+plane), of magnitude (luminance, hue) V1 (0.3, 0.3), V2 (0.3, 0.35), V3 (0.25, 0.4), hV4 (0.15, 0.8): an
+ROI's mean tuning carries no colour, its voxels do (as colour is decoded from V1-V4, and hV4 holds hue
+maps). Before 2026-12-07 the world had no opponent channels, so no hue or mean luminance could be decoded
+from it at all. Category areas weight their category's coverage 1.0 plus mid contrast 0.15, with large pRFs
+(sigma 1.5-3.5 deg) near the fovea (places: larger and more eccentric). Other patch vertices take a random
+Dirichlet mixture of the unsigned channels and a random pRF. Each voxel's drive is standardised with its mean
+and standard deviation over a fixed reference set of 120 scenes, multiplied by the fraction of its pRF that
+falls on the image and by a per-subject, per-voxel gain (lognormal, median 1.0), plus a baseline (about 0.5).
+Units are percent-signal-change-like.
 
 **Noise.** Trial noise = ``noise_sd * (sqrt(1 - rho) * e_voxel + sqrt(rho) * l_voxel * e_trial)``,
 Gaussian, with a shared trial component (``rho = 0.2``, per-voxel loadings ``l``) like NSD's global
@@ -82,24 +86,22 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..config import PAPER
 from ..rois import ROI_CATALOGUE
 from ..seeding import seed_for
-from .scenes import FIELD_DEG, IMAGE_SIZE, Scene, generate_scenes, stack_images
+from .channels import (CHANNELS, GRID, N_PIXEL_CHANNELS, OPPONENT_CHANNELS, channel_scale, reference_features,
+                       scene_features)
+from .scenes import FIELD_DEG, Scene
 
 __all__ = [
     "ROI_TABLES",
     "ROI_FILES",
-    "CHANNELS",
-    "GRID",
     "DEFAULT_NOISE_SD",
     "VOLUME_SHAPE",
     "VOXEL_SIZE_MM",
     "Tuning",
     "Observer",
-    "scene_features",
 ]
 
 
@@ -119,11 +121,6 @@ def _nsd_label_tables() -> dict[str, dict[int, str]]:
 #: :data:`brain_diffuser_core.rois.ROI_CATALOGUE` (single-label entries), plus ``nsdgeneral``.
 ROI_TABLES: dict[str, dict[int, str]] = _nsd_label_tables()
 ROI_FILES: tuple[str, ...] = tuple(ROI_TABLES)
-#: Feature channels of :func:`scene_features`, in order.
-CHANNELS: tuple[str, ...] = ("contrast_fine", "contrast_mid", "contrast_coarse", "saturation",
-                             "face", "body", "place", "word", "object")
-#: Side of the pooling grid over the image.
-GRID = 16
 #: Trial noise sd (percent signal change) of the default world: NSD's noise ceiling (see the module docstring).
 DEFAULT_NOISE_SD = 2.3
 #: Volume the patch vertices are arranged into (see :attr:`Observer.voxel_ijk`) and its voxel size.
@@ -157,15 +154,19 @@ _WEDGES = [("V1", 1, -15.0, 0.0), ("V1", 2, 0.0, 18.0), ("V2", 4, 18.0, 38.0), (
 _CHART_RADIUS = 38.0
 _E2, _EMAX = 0.75, 8.0
 _PRF_SIZE = {"V1": (0.15, 0.10), "V2": (0.2, 0.15), "V3": (0.3, 0.22), "hV4": (0.5, 0.35)}
-_EARLY_WEIGHTS = {  # fine, mid, coarse, saturation, face, body, place, word, object
+#: the channels every voxel weights with a positive weight (all but the signed opponent ones)
+_UNSIGNED = tuple(c for c in CHANNELS if c not in OPPONENT_CHANNELS)
+_EARLY_WEIGHTS = {  # over _UNSIGNED: fine, mid, coarse, saturation, face, body, place, word, object
     "V1": (1.0, 0.35, 0.1, 0.05, 0, 0, 0, 0, 0),
     "V2": (0.6, 0.7, 0.2, 0.15, 0, 0, 0, 0, 0),
     "V3": (0.35, 0.7, 0.4, 0.3, 0, 0, 0, 0, 0),
     "hV4": (0.1, 0.3, 0.3, 1.0, 0, 0, 0, 0, 0.3),
 }
+#: magnitude of the (luminance, chromatic) opponent weights of V1-hV4 voxels; each voxel has its own sign of
+#: luminance preference (ON / OFF) and its own preferred hue (a random direction in the red-green x
+#: blue-yellow plane), so an ROI's mean tuning carries no colour while its voxels do, as hue maps in V1-V4
+_OPPONENT_WEIGHTS = {"V1": (0.3, 0.3), "V2": (0.3, 0.35), "V3": (0.25, 0.4), "hV4": (0.15, 0.8)}
 _ECC_EDGES = (0.5, 1.0, 2.0, 4.0)
-_REFERENCE_SEED = 20231
-_N_REFERENCE = 120
 _NOISE_RHO = 0.2
 
 
@@ -210,80 +211,6 @@ class Tuning:
     gain: np.ndarray
     baseline: np.ndarray
     visibility: np.ndarray
-
-
-# ---------------------------------------------------------------------------------------------- features
-def _block_mean(a: np.ndarray, g: int) -> np.ndarray:
-    """Mean over (h/g, w/g) blocks of a (n, h, w) array -> (n, g, g)."""
-    n, h, w = a.shape
-    bh, bw = h // g, w // g
-    cols = np.add.reduceat(a, np.arange(0, w, bw), axis=2)  # (n, h, g)
-    return np.add.reduceat(cols, np.arange(0, h, bh), axis=1) / (bh * bw)
-
-
-def _coverage(bbox: tuple[float, float, float, float], g: int) -> np.ndarray:
-    """Fraction of each of g x g cells inside ``bbox`` = (x0, y0, x1, y1) in image fractions."""
-    edges = np.arange(g + 1, dtype=np.float32) / g
-    lo, hi = edges[:-1], edges[1:]
-    x0, y0, x1, y1 = bbox
-    fx = np.clip(np.minimum(hi, x1) - np.maximum(lo, x0), 0, None) * g
-    fy = np.clip(np.minimum(hi, y1) - np.maximum(lo, y0), 0, None) * g
-    return np.outer(fy, fx)
-
-
-_COVERAGE_CHANNEL = {cat: CHANNELS.index(cat) for cat in ("face", "body", "place", "word", "object")}
-
-
-def scene_features(scenes: Sequence[Scene], batch: int = 1024) -> np.ndarray:
-    """Observer input channels for each scene.
-
-    Parameters
-    ----------
-    scenes : sequence of Scene
-        Images (64, 64, 3) uint8 with their scene graphs.
-    batch : int
-        Scenes filtered at once (memory only).
-
-    Returns
-    -------
-    np.ndarray, float32, shape (n_scenes, len(CHANNELS), GRID, GRID)
-        Row ``i`` of the grid is the image's ``i``-th sixteenth from the top. Contrast channels are RMS band
-        energies of grey levels in [0, 1]; saturation in [0, 1]; category channels are coverage fractions.
-    """
-    n = len(scenes)
-    out = np.zeros((n, len(CHANNELS), GRID, GRID), np.float32)
-    for s0 in range(0, n, batch):
-        chunk = scenes[s0:s0 + batch]
-        imgs = stack_images(chunk).astype(np.float32) / 255.0
-        if imgs.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(f"scene images must be ({IMAGE_SIZE}, {IMAGE_SIZE}, 3); {imgs.shape[1:]} was found")
-        grey = imgs @ np.array([0.299, 0.587, 0.114], np.float32)
-        blur = {s: ndimage.gaussian_filter(grey, (0, s, s), mode="reflect") for s in (0.8, 1.0, 2.5, 6.0)}
-        bands = (grey - blur[0.8], blur[1.0] - blur[2.5], blur[2.5] - blur[6.0])
-        sl = slice(s0, s0 + len(chunk))
-        for c, b in enumerate(bands):
-            out[sl, c] = np.sqrt(_block_mean(b * b, GRID))
-        r, g, b = imgs[..., 0], imgs[..., 1], imgs[..., 2]
-        out[sl, 3] = _block_mean(np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b), GRID)
-        for k, sc in enumerate(chunk):
-            for o in sc.objects:
-                c = _COVERAGE_CHANNEL.get(o.category)
-                if c is not None:
-                    out[s0 + k, c] += _coverage(o.bbox, GRID)
-    np.minimum(out[:, 4:], 1.0, out=out[:, 4:])
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _reference_features() -> np.ndarray:
-    return scene_features(generate_scenes(_N_REFERENCE, seed=_REFERENCE_SEED))
-
-
-@functools.lru_cache(maxsize=1)
-def _channel_scale() -> np.ndarray:
-    """Per-channel scale making every channel's mean over the reference scenes 1."""
-    ref = _reference_features()
-    return (1.0 / ref.mean(axis=(0, 2, 3))).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -494,11 +421,14 @@ class Observer:
         rad = np.radians(pa[early])
         prf_x[early] = sign[early] * ecc[early] * np.cos(rad)
         prf_y[early] = ecc[early] * np.sin(rad)
+        unsigned = [CHANNELS.index(c) for c in _UNSIGNED]
         for name, (a, b) in _PRF_SIZE.items():
             m = area == name
             size[m] = (a + b * ecc[m]) * rng.lognormal(0, 0.1, m.sum())
-            w[m] = np.array(_EARLY_WEIGHTS[name], np.float32) * rng.lognormal(0, 0.15, (m.sum(), len(CHANNELS)))
+            w[np.ix_(m, unsigned)] = (np.array(_EARLY_WEIGHTS[name], np.float32)
+                                      * rng.lognormal(0, 0.15, (m.sum(), len(unsigned))))
             preferred[m] = "object" if name == "hV4" else "texture"
+        self._opponent_tuning(area, w)
         cat_areas = {"faces": ("face", 0.8, 1.5), "bodies": ("body", 1.2, 2.0), "words": ("word", 0.8, 1.5),
                      "places": ("place", 2.5, 3.0)}
         for name, (cat, e_mu, s_mu) in cat_areas.items():
@@ -519,15 +449,28 @@ class Observer:
         prf_x[m] = sign[m] * e * np.cos(th)
         prf_y[m] = e * np.sin(th)
         size[m] = 0.5 + 0.3 * e + rng.uniform(0, 1, k)
-        w[m] = rng.dirichlet(np.full(len(CHANNELS), 0.5), k).astype(np.float32)
+        w[np.ix_(m, unsigned)] = rng.dirichlet(np.full(len(unsigned), 0.5), k).astype(np.float32)
         top = np.argmax(w[m], axis=1)
-        preferred[m] = np.array([CHANNELS[t] if t >= 4 else "" for t in top], dtype=object)
+        preferred[m] = np.array([CHANNELS[t] if t >= N_PIXEL_CHANNELS else "" for t in top], dtype=object)
         vis = _prf_visibility(prf_x, prf_y, size)
         gain = rng.lognormal(0, 0.3, n).astype(np.float32)
         baseline = rng.normal(0.5, 0.3, n).astype(np.float32)
         return Tuning(area=area.astype(str), preferred=preferred.astype(str), prf_x=prf_x, prf_y=prf_y,
                       prf_size=size, eccentricity=ecc, polar_angle=pa, weights=w, gain=gain, baseline=baseline,
                       visibility=vis)
+
+    def _opponent_tuning(self, area: np.ndarray, w: np.ndarray) -> None:
+        """Fill V1-hV4's opponent-channel weights in ``w`` (n_voxels, len(CHANNELS)) in place: per voxel a random
+        luminance sign and preferred hue, magnitudes :data:`_OPPONENT_WEIGHTS`. Drawn from a generator of their
+        own, so the rest of the tuning is what it was before the opponent channels existed."""
+        rng = np.random.default_rng(seed_for("observer-opponent", self.subject, base_seed=self.seed))
+        lum, rg, by = (CHANNELS.index(c) for c in OPPONENT_CHANNELS)
+        for name, (a_lum, a_col) in _OPPONENT_WEIGHTS.items():
+            m = np.flatnonzero(area == name)
+            hue = rng.uniform(0, 2 * np.pi, len(m))
+            w[m, lum] = a_lum * rng.choice([-1.0, 1.0], len(m))
+            w[m, rg] = a_col * np.cos(hue)
+            w[m, by] = a_col * np.sin(hue)
 
     def _build_weights(self) -> None:
         """Linear map from flattened features (C*GRID*GRID) to drive, and reference standardisation."""
@@ -537,11 +480,12 @@ class Observer:
         cell = (FIELD_DEG / GRID) ** 2
         d2 = (gx.reshape(1, -1) - t.prf_x[:, None]) ** 2 + (gy.reshape(1, -1) - t.prf_y[:, None]) ** 2
         prf = np.exp(-d2 / (2 * t.prf_size[:, None] ** 2)) * cell / (2 * np.pi * t.prf_size[:, None] ** 2)
-        wc = t.weights * _channel_scale()[None, :]
+        wc = t.weights * channel_scale()[None, :]
         W = (wc[:, :, None] * prf[:, None, :]).reshape(self.n_voxels, -1)  # (n_voxels, C*G*G)
         self._W = np.ascontiguousarray(W.T.astype(np.float32))  # (C*G*G, n_voxels)
         self._W64 = self._W.astype(np.float64)  # what responses() accumulates with (see there)
-        ref = _reference_features().reshape(_N_REFERENCE, -1) @ self._W
+        ref = reference_features()
+        ref = ref.reshape(len(ref), -1) @ self._W
         self._drive_mean = ref.mean(0).astype(np.float32)
         std = ref.std(0)
         self._drive_std = np.where(std > 0, std, 1.0).astype(np.float32)

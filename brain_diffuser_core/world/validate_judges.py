@@ -23,6 +23,10 @@ from ..seeding import seed_for
 from .measures import as_uint8_batch, to_world_size
 from .scenes import CATEGORIES, IMAGE_SIZE, Scene
 
+#: the observer channels (the first ones: three contrast bands and saturation) a cell descriptor takes; the
+#: opponent colour channels are linear in the cell's RGB means, which the descriptor holds already
+_CONTRAST_CHANNELS = 4
+
 __all__ = [
     "CATEGORY_ROIS",
     "JUDGES",
@@ -81,12 +85,12 @@ class CoverageModel:
 
     @staticmethod
     def descriptors(images: np.ndarray, low: np.ndarray | None = None) -> np.ndarray:
-        """float32 (n * GRID * GRID, D) cell descriptors of uint8 (n, 64, 64, 3) images."""
-        from .observer import GRID, scene_features
+        """float32 (n * GRID * GRID, D) cell descriptors of uint8 (n, 64, 64, 3) images; ``low``: their
+        :func:`~.observer.scene_features` when already computed (only the contrast channels are used)."""
+        from .channels import GRID, scene_features
 
         imgs = to_world_size(images)
-        if low is None:
-            low = scene_features(_pixel_scenes(imgs))[:, :4]
+        low = (scene_features(_pixel_scenes(imgs)) if low is None else low)[:, :_CONTRAST_CHANNELS]
         n = len(imgs)
         cell = IMAGE_SIZE // GRID
         rgb = imgs.astype(np.float32).reshape(n, GRID, cell, GRID, cell, 3).mean(axis=(2, 4)) / 255.0
@@ -108,14 +112,14 @@ class CoverageModel:
     def fit(cls, scenes: Sequence[Scene], alpha: float = 1.0, n_features: int = 800,
             gamma: float = 0.02) -> "CoverageModel":
         """Fit on scenes with graphs (their true coverage channels are the targets)."""
-        from .observer import CHANNELS, scene_features
+        from .channels import CHANNELS, N_PIXEL_CHANNELS, scene_features
 
         if len(scenes) < 2:
             raise ValueError(f"'scenes' must hold at least 2 scenes to fit the coverage model; {len(scenes)} given")
         truth = scene_features(scenes)
         imgs = np.stack([s.image for s in scenes])
-        x = cls.descriptors(imgs, truth[:, :4])
-        y = truth[:, 4:].transpose(0, 2, 3, 1).reshape(x.shape[0], len(CHANNELS) - 4)
+        x = cls.descriptors(imgs, truth)
+        y = truth[:, N_PIXEL_CHANNELS:].transpose(0, 2, 3, 1).reshape(x.shape[0], len(CHANNELS) - N_PIXEL_CHANNELS)
         mean, scale = x.mean(0), x.std(0)
         scale = np.where(scale > 1e-8, scale, 1.0)
         rng = np.random.default_rng(seed_for("coverage-model-features"))
@@ -133,13 +137,13 @@ class CoverageModel:
 
     def features(self, images) -> np.ndarray:
         """The observer's input channels estimated from pixels: float32 (n, len(CHANNELS), GRID, GRID)."""
-        from .observer import GRID, scene_features
+        from .channels import GRID, N_PIXEL_CHANNELS, scene_features
 
         imgs = to_world_size(images)
         low = scene_features(_pixel_scenes(imgs))
-        x = self.descriptors(imgs, low[:, :4])
+        x = self.descriptors(imgs, low)
         cov = np.clip(self._random_features(x) @ self.weights, 0.0, 1.0)
-        low[:, 4:] = cov.reshape(len(imgs), GRID, GRID, -1).transpose(0, 3, 1, 2)
+        low[:, N_PIXEL_CHANNELS:] = cov.reshape(len(imgs), GRID, GRID, -1).transpose(0, 3, 1, 2)
         return low
 
 
