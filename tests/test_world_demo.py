@@ -443,6 +443,51 @@ def test_demo_vae_trains_on_windows_and_reconstructs_whole_images(world, tmp_pat
         train_vae(images[:4], tiny, tmp_path / "w2", steps=1, crop=16, progress=False)
 
 
+def test_unet_flows_train_one_attention_path_each_and_leave_the_inference_mix(tmp_path):
+    """Versatile Diffusion's flows: a text-to-image item trains only the text attention, an image-variation
+    item only the vision attention; the dual blocks are back at the paper's mix after the forward."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models import DualTransformer2DModel
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+
+    from brain_diffuser_core.config import PAPER
+    from brain_diffuser_core.tiny_models import vd_configs
+    from brain_diffuser_core.world.train import FLOW_SHARES, _DualUNet
+
+    assert sum(FLOW_SHARES.values()) == pytest.approx(1.0) and set(FLOW_SHARES) == {"text", "vision", "dual"}
+    cfgs = vd_configs("demo")
+    torch.manual_seed(0)
+    net = _DualUNet(UNet2DConditionModel(**cfgs["image_unet"]), UNetFlatConditionModel(**cfgs["text_unet"]))
+    net.dual()
+    latents, t = torch.randn(3, 4, 16, 16), torch.tensor([10, 500, 900])
+    cond = torch.randn(3, 77 + 257, cfgs["image_unet"]["cross_attention_dim"])
+
+    def grads(text_weight):
+        net.zero_grad(set_to_none=True)
+        net(latents, t, cond, text_weight=torch.tensor(text_weight)).square().mean().backward()
+        got = {"vision": 0.0, "text": 0.0}
+        for name, p in net.image_unet.named_parameters():
+            if ".transformers." in name and p.grad is not None:
+                got["vision" if ".transformers.0." in name else "text"] += float(p.grad.abs().sum())
+        return got
+
+    text_only, vision_only, mixed = grads([1.0, 1.0, 1.0]), grads([0.0, 0.0, 0.0]), grads([1.0, 0.0, 0.4])
+    assert text_only["vision"] == 0.0 < text_only["text"]
+    assert vision_only["text"] == 0.0 < vision_only["vision"]
+    assert mixed["text"] > 0.0 and mixed["vision"] > 0.0
+    # per item: an item's prediction under its own flow is what a batch of that flow alone gives it
+    with torch.no_grad():
+        per_item = net(latents, t, cond, text_weight=torch.tensor([1.0, 0.0, 0.4]))
+        alone = [net(latents[i:i + 1], t[i:i + 1], cond[i:i + 1], text_weight=torch.tensor([w]))
+                 for i, w in enumerate([1.0, 0.0, 0.4])]
+        torch.testing.assert_close(per_item, torch.cat(alone), atol=1e-5, rtol=1e-4)
+        # and without text_weight the forward is the paper's inference mix, scalar on every dual block
+        mixes = [m.mix_ratio for m in net.image_unet.modules() if isinstance(m, DualTransformer2DModel)]
+        assert mixes and all(isinstance(m, float) and m == pytest.approx(1.0 - PAPER.stage2.vision_mix)
+                             for m in mixes)
+        torch.testing.assert_close(net(latents[2:], t[2:], cond[2:]), alone[2], atol=1e-5, rtol=1e-4)
+
+
 def test_loop_moving_average_is_checkpointed_and_applied(tmp_path):
     from brain_diffuser_core.world.train import _Loop
 

@@ -18,9 +18,11 @@
 ``unet``
     the image ``UNet2DConditionModel`` paired with the text ``UNetFlatConditionModel``'s transformer blocks
     through the project's dual attention (:func:`~brain_diffuser_core.diffusion.convert_to_dual_attention`),
-    conditioned as at inference on the trained CLIP's VD-normalised text 77 (averaged over captions) + vision
-    257 tokens, vision mix ``PAPER.stage2.vision_mix``; 10% of items get the unconditional pair ("" and a grey
-    image) for classifier-free guidance; epsilon prediction on the DDIM schedule of the VD config.
+    on the trained CLIP's VD-normalised text 77 (averaged over captions) + vision 257 tokens. Each item trains
+    one of Versatile Diffusion's flows (:data:`FLOW_SHARES`): text-to-image (only the text attention acts),
+    image variation (only the vision attention) or the dual mix used at inference (``PAPER.stage2.vision_mix``);
+    10% of items get the unconditional pair ("" and a grey image) for classifier-free guidance; epsilon
+    prediction on the DDIM schedule of the VD config.
 
 Outputs (the layouts the normal loaders read): ``<out>/vdvae.safetensors`` + ``vdvae.json``
 (:func:`~brain_diffuser_core.features.vdvae.load_vdvae`), ``<out>/versatile-diffusion/`` (every VD subfolder,
@@ -57,6 +59,7 @@ __all__ = [
     "STAGES",
     "DEFAULT_STEPS",
     "TIME_SHARE",
+    "FLOW_SHARES",
     "load_train_data",
     "train_clip",
     "train_vdvae",
@@ -75,6 +78,14 @@ BATCH: dict[str, int] = {"clip": 64, "vdvae": 16, "vae": 32, "unet": 32}
 LR: dict[str, float] = {"clip": 5e-4, "vdvae": 3e-4, "vae": 1e-3, "unet": 5e-4}
 #: fraction of items trained with the unconditional condition (classifier-free guidance)
 COND_DROP = 0.1
+#: share of UNet training items per flow, as the weight of the text attention's residual (the dual blocks'
+#: ``mix_ratio``): text-to-image (1.0), image variation (0.0) and the inference mix (1 - vision_mix). The real
+#: Versatile Diffusion learnt its text and vision context layers in separate flows, so each alone draws a
+#: scene and dual guidance mixes two working paths. Trained only at the inference mix (before 2026-12-07),
+#: the demo UNet leant on the vision tokens: from TRUE features of subject 1's test images, text alone gave the
+#: original's category 42% of the time and vision alone 28% (the mix 88%), so noisy decoded vision tokens
+#: could not be outweighed by the text tokens, which are decoded nearest the right category 99% of the time.
+FLOW_SHARES: dict[str, float] = {"text": 0.4, "vision": 0.4, "dual": 0.2}
 _VAE_KL_WEIGHT = 1e-4
 _VDVAE_GRAD_CLIP = 200.0
 _GRAD_CLIP = 1.0
@@ -404,8 +415,21 @@ class _DualUNet(torch.nn.Module):
         finally:
             self.dual()
 
-    def forward(self, latents, t, condition):
-        return self.image_unet(latents, t, encoder_hidden_states=condition).sample
+    def forward(self, latents, t, condition, text_weight: torch.Tensor | None = None):
+        """Predicted noise; ``text_weight`` (batch,): each item's weight of the text residual (its flow),
+        default the inference mix."""
+        from diffusers.models import DualTransformer2DModel
+
+        if text_weight is not None:
+            mix = text_weight.to(latents).view(-1, 1, 1, 1)
+            for module in self.image_unet.modules():
+                if isinstance(module, DualTransformer2DModel):
+                    module.mix_ratio = mix
+        try:
+            return self.image_unet(latents, t, encoder_hidden_states=condition).sample
+        finally:
+            if text_weight is not None:
+                self.dual()  # back to the scalar inference mix
 
 
 def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, text: np.ndarray, vision: np.ndarray,
@@ -433,6 +457,8 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, text: np.nda
     n_t = int(scheduler.config.num_train_timesteps)
     text_t, vision_t = torch.as_tensor(text).float(), torch.as_tensor(vision).float()
     ut, uv = torch.as_tensor(uncond_text).float(), torch.as_tensor(uncond_vision).float()
+    flow_p = torch.tensor([FLOW_SHARES[k] for k in ("text", "vision", "dual")], dtype=torch.float64)
+    flow_text_weight = torch.tensor([1.0, 0.0, 1.0 - PAPER.stage2.vision_mix])
 
     def loss_fn(step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed_for("train-unet", step, base_seed=seed))
@@ -445,7 +471,9 @@ def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, text: np.nda
         drop = (torch.rand(len(idx), generator=g) < COND_DROP).view(-1, 1, 1)
         tx = torch.where(drop, ut.expand_as(text_t[idx]), text_t[idx])
         vx = torch.where(drop, uv.expand_as(vision_t[idx]), vision_t[idx])
-        pred = net(noisy.to(device), t.to(device), torch.cat([tx, vx], dim=1).to(device))
+        flow = torch.multinomial(flow_p, len(idx), replacement=True, generator=g)
+        pred = net(noisy.to(device), t.to(device), torch.cat([tx, vx], dim=1).to(device),
+                   text_weight=flow_text_weight[flow])
         return F.mse_loss(pred, eps.to(device))
 
     losses = loop.run(loss_fn, steps, _deadline(minutes), progress)
