@@ -11,22 +11,25 @@ Layout::
 
 ``manifest.json``::
 
-    {"format_version": 2, "created": "2026-11-24T21:00:00+00:00",
+    {"format_version": 3, "created": "2026-11-24T21:00:00+00:00",
      "packages": {"python": "3.11.9", "torch": "2.13.0", ...},
      "features": {"vdvae": {"shape": [91168]}, "clip_text": {"shape": [77, 768]}, ...},
      "subjects": {"1": {"n_voxels": 15724, "mask_sha256": "...", "n_train": 8859,
                         "decoders": {"vdvae": {"file": "subj01_vdvae.safetensors", "alpha": 50000.0, "rank": null,
                                                "form": "dual", "dtype": "float16", "rescale": ["train", "paper", "none"],
                                                "rescale_tensors": ["y_mean", "y_std", "loo_mean", "loo_std"],
-                                               "train_feature_norm": 123.4}, ...}}},
+                                               "train_feature_norm": 123.4, "target_axes": 64}, ...}}},
      "models": {"vdvae": {"path": "models/vdvae.th", "sha256": "..."}, "clip": {"hf_id": "openai/..."}, ...},
      "files": {"subj01_vdvae.safetensors": "<sha256>", ...}}
 
 ``form`` is how the weights are stored (:class:`~brain_diffuser_core.ridge.RidgeDecoder`: "primal", "lowrank"
 or "dual"). Format 2 added the dual form; format-1 bundles (primal or low rank only) are read as they are.
+Format 3 added ``target_axes``: the number of principal axes of the training targets each decoder file keeps
+(:meth:`~brain_diffuser_core.ridge_decoder.RidgeDecoder.target_sd_along`: how far training features spread
+along a direction, the scale of the ROI-optimal features); format 1-2 decoders have none.
 
-``train_feature_norm`` is the mean Euclidean norm of one training sample's feature vector (the ROI-pattern
-path rescales predicted features to it). Model paths may be relative to the bundle folder.
+``train_feature_norm`` is the mean Euclidean norm of one training sample's feature vector (for information).
+Model paths may be relative to the bundle folder.
 
 Writing is atomic (a temporary folder renamed into place); updating a bundle with a new subject keeps the
 others (their files are copied and their checksums verified). Reading checks the manifest, the presence and
@@ -54,10 +57,11 @@ from .ridge import RidgeDecoder
 __all__ = ["FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "BundleError", "SubjectDecoders", "Bundle", "save_bundle",
            "load_bundle", "decoder_filename"]
 
-#: what this code writes; 2 added the dual-form decoders (``form`` in the manifest)
-FORMAT_VERSION = 2
-#: what this code reads
-READABLE_FORMAT_VERSIONS = (1, 2)
+#: what this code writes; 2 added the dual-form decoders (``form`` in the manifest); 3 the principal axes of each
+#: decoder's training targets (``target_axes``: the scale of ROI-optimal features)
+FORMAT_VERSION = 3
+#: what this code reads (format 1-2 decoders have no principal axes: ROI features fall back to scale "train")
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 _PACKAGES = ("torch", "numpy", "safetensors", "scipy", "diffusers", "transformers")
 _MODEL_KEYS = ("path", "hf_id", "sha256")
 
@@ -213,6 +217,8 @@ def save_bundle(
                     "rescale_tensors": [k for k in ("y_mean", "y_std", "loo_mean", "loo_std") if k in dec.tensors],
                     "train_feature_norm": (float(entry.train_feature_norm[feat])
                                            if feat in entry.train_feature_norm else None),
+                    # principal axes of the training targets kept in the file (0: none, a format <= 2 fit)
+                    "target_axes": int(dec.tensors["target_axes"].shape[1]) if dec.has_target_axes else 0,
                 }
             manifest["subjects"][str(int(subj))] = {
                 "n_voxels": int(entry.n_voxels),

@@ -30,13 +30,14 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .bundle import Bundle, BundleError, load_bundle
-from .config import FEATURE_NAMES, PAPER, StageOneConfig, StageTwoConfig, mode
+from .config import FEATURE_NAMES, PAPER, ROI_PATTERN_QUANTILE, StageOneConfig, StageTwoConfig, mode
 from .seeding import seed_for
 
 _log = logging.getLogger(__name__)
@@ -381,7 +382,8 @@ class BrainDiffuser:
             out[name] = pred.reshape((len(x),) + self.bundle.feature_shape(name))
         return out
 
-    def pattern_features(self, patterns: Mapping[int, np.ndarray], *, scale: str = "train") -> dict[str, np.ndarray]:
+    def pattern_features(self, patterns: Mapping[int, np.ndarray], *, scale: str | None = None
+                         ) -> dict[str, np.ndarray]:
         """The paper's ROI-optimal features from synthetic patterns, one per subject (averaged over subjects).
 
         patterns : subject -> float32 (n_voxels,) or (n, n_voxels) raw pattern (1 inside the ROI, 0 elsewhere;
@@ -389,17 +391,28 @@ class BrainDiffuser:
             average); every subject must give the same number of patterns.
         scale : how the pattern-driven part ``d = W p`` (the prediction minus the prediction for an all-zero
             pattern, i.e. the intercept) is scaled before the intercept is added back, as the authors'
-            ``roi_generate_features.py`` does (only ``d`` is normalised, never the intercept):
+            ``roi_generate_features.py`` does (only ``d`` is normalised, never the intercept); default: this
+            diffuser's mode's (``"quantile"``, or ``"paper"`` with ``paper=True``):
 
-            * ``"train"`` (default): ``||d||`` set to the RMS norm of the training features' deviation from
-              their mean, ``sqrt(sum_j y_std_j^2)`` of the decoder (per feature space, per subject), i.e.
-              a pattern moves the features as far from the mean as a typical training image does;
+            * ``"quantile"``: ``||d||`` = ``z * sd_u`` with ``sd_u`` the training features' standard deviation
+              along ``u = d / ||d||`` (the decoder's principal axes of its training targets,
+              :meth:`~brain_diffuser_core.ridge_decoder.RidgeDecoder.target_sd_along`) and ``z`` the normal
+              quantile of :data:`~brain_diffuser_core.config.ROI_PATTERN_QUANTILE` (0.99: 2.33), i.e. the
+              features go along the ROI's direction as far as the top 1% of training images do, and no
+              further (per feature space, per subject). A decoder fitted before bundle format 3 has no
+              principal axes: it falls back to ``"train"`` with a logged warning;
+            * ``"train"``: ``||d||`` set to the RMS norm of the training features' deviation from their mean,
+              ``sqrt(sum_j y_std_j^2)`` of the decoder, i.e. as far as a typical training image deviates in
+              all directions together: 2.2-5 standard deviations along the ROI's direction on the demo, beyond
+              its top 1% of training images (the scenes were caricatures: every face ROI scene one huge pale
+              face);
             * ``"paper"``: the original's hand-set norms (:data:`PAPER_PATTERN_NORMS`: 50 for VDVAE, then
               z-scored across the patterns, mapped to the train mean/std and set to norm 80; 9 for CLIP-text,
               15 for CLIP-vision), which suit ViT-L/14 and the ImageNet VDVAE only.
 
         Returns {feature: float32 (n, *feature_shape)}.
         """
+        scale = self.mode.pattern_scale if scale is None else scale
         if scale not in PATTERN_SCALES:
             raise ValueError(f"'scale' must be one of {list(PATTERN_SCALES)}; {scale!r} was provided")
         if not patterns:
@@ -520,14 +533,14 @@ class BrainDiffuser:
 
 
 #: ``scale`` options of :meth:`BrainDiffuser.pattern_features`
-PATTERN_SCALES: tuple[str, ...] = ("train", "paper")
+PATTERN_SCALES: tuple[str, ...] = ("quantile", "train", "paper")
 #: the authors' hand-set norms of the pattern-driven part (``roi_generate_features.py``)
 PAPER_PATTERN_NORMS: dict[str, float] = {"vdvae": 50.0, "clip_text": 9.0, "clip_vision": 15.0}
 #: the authors' final norm of the VDVAE ROI features, after their z-scoring across patterns
 PAPER_VDVAE_FINAL_NORM = 80.0
 
 
-def pattern_driven_features(decoder, patterns: np.ndarray, *, scale: str = "train",
+def pattern_driven_features(decoder, patterns: np.ndarray, *, scale: str = "quantile",
                             feature: str = "vdvae") -> np.ndarray:
     """ROI-optimal features of one subject and feature space: intercept + scaled pattern-driven part.
 
@@ -536,6 +549,10 @@ def pattern_driven_features(decoder, patterns: np.ndarray, *, scale: str = "trai
     :meth:`BrainDiffuser.pattern_features`) and added to ``predict(0)`` (the intercept).
     Returns float32 (n, n_targets).
     """
+    if scale == "quantile" and not decoder.has_target_axes:
+        _log.warning("decoder has no principal axes of its training targets (fitted before bundle format 3): "
+                     "ROI features fall back to scale='train'; refit the bundle for the in-distribution scale")
+        scale = "train"
     x = np.asarray(patterns, dtype=np.float32)
     both = decoder.predict(np.concatenate([x, np.zeros((1, x.shape[1]), np.float32)]), rescale="none")
     pred, intercept = both[:-1], both[-1]
@@ -543,6 +560,11 @@ def pattern_driven_features(decoder, patterns: np.ndarray, *, scale: str = "trai
     length = np.linalg.norm(drive, axis=1, keepdims=True)
     unit = drive / np.maximum(length, 1e-8)
     y_std = decoder.tensors["y_std"].numpy().astype(np.float64)
+    if scale == "quantile":
+        z = NormalDist().inv_cdf(ROI_PATTERN_QUANTILE)
+        # a pattern that drives nothing (all-zero drive) stays at the intercept
+        lengths = np.array([[z * decoder.target_sd_along(row) if np.any(row) else 0.0] for row in unit])
+        return (intercept + unit * lengths).astype(np.float32)
     if scale == "train":
         return (intercept + unit * float(np.sqrt((y_std ** 2).sum()))).astype(np.float32)
     out = intercept + unit * PAPER_PATTERN_NORMS[feature]

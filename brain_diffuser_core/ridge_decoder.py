@@ -26,6 +26,11 @@ class RidgeDecoder:
       when n_train < p (NSD: 8,859 trials < 12,682-15,724 voxels).
 
     Stored weights are float16 or float32; scales are float32 (per column, or per training row for ``dual_x``).
+
+    Optional (bundles of format >= 3, :meth:`add_target_axes`): ``target_axes`` (n_targets, k) float16, the
+    training targets' top principal axes, ``target_axes_var`` (k,) their variances and ``target_residual_var``
+    (1,) the mean variance per other dimension, so :meth:`target_sd_along` tells how far training features
+    spread along any direction (:mod:`brain_diffuser_core.target_axes`).
     """
 
     _FORM_TENSORS = {
@@ -45,7 +50,14 @@ class RidgeDecoder:
             raise ValueError(f"ridge decoder state is missing tensors {missing}")
         self.form = form
         p, t = self.n_features, self.n_targets
-        expect = {"x_mean": (p,), "y_mean": (t,), "y_std": (t,), "loo_mean": (t,), "loo_std": (t,)}
+        expect = {"x_mean": (p,), "y_mean": (t,), "y_std": (t,), "loo_mean": (t,), "loo_std": (t,),
+                  "target_residual_var": (1,)}
+        if "target_axes" in self.tensors:
+            k = int(self.tensors["target_axes"].shape[-1])
+            expect.update(target_axes=(t, k), target_axes_var=(k,))
+            if "target_axes_var" not in self.tensors or "target_residual_var" not in self.tensors:
+                raise ValueError("ridge decoder state has 'target_axes' without 'target_axes_var' and "
+                                 "'target_residual_var'")
         if form == "lowrank":
             r = self.rank
             expect.update(factor_a=(p, r), factor_a_scale=(r,), factor_b=(r, t), factor_b_scale=(t,))
@@ -76,6 +88,38 @@ class RidgeDecoder:
     @property
     def has_loo_stats(self) -> bool:
         return "loo_mean" in self.tensors
+
+    @property
+    def has_target_axes(self) -> bool:
+        return "target_axes" in self.tensors
+
+    def add_target_axes(self, axes: np.ndarray, variances: np.ndarray) -> None:
+        """Keep the training targets' principal axes (n_targets, k) and variances (k,)
+        (:func:`~brain_diffuser_core.target_axes.principal_axes`); the residual variance per other dimension
+        comes from ``y_std``. Axes are stored float16 (unit columns: entries ~ 1/sqrt(n_targets))."""
+        axes = np.asarray(axes, np.float32)
+        var = np.asarray(variances, np.float64).reshape(-1)
+        if axes.ndim != 2 or axes.shape[0] != self.n_targets or var.shape != (axes.shape[1],):
+            raise ValueError(f"'axes' must be ({self.n_targets}, k) and 'variances' (k,); {axes.shape} and "
+                             f"{var.shape} were provided")
+        total = float((self.tensors["y_std"].double() ** 2).sum())
+        rest = max(0, self.n_targets - axes.shape[1])
+        residual = max(total - float(var.sum()), 0.0) / rest if rest else 0.0
+        self.tensors.update(target_axes=torch.from_numpy(axes.astype(np.float16)),
+                            target_axes_var=torch.from_numpy(var.astype(np.float32)),
+                            target_residual_var=torch.tensor([residual], dtype=torch.float32))
+
+    def target_sd_along(self, direction: np.ndarray) -> float:
+        """Standard deviation of the training targets along ``direction`` (n_targets,), from the principal axes
+        (:func:`~brain_diffuser_core.target_axes.sd_along`); ValueError when the decoder has none."""
+        from .target_axes import sd_along
+
+        if not self.has_target_axes:
+            raise ValueError("this decoder has no principal axes of its training targets (fitted before bundle "
+                             "format 3); refit it with `python -m brain_diffuser_core fit`")
+        t = self.tensors
+        return sd_along(t["target_axes"].numpy(), t["target_axes_var"].numpy(),
+                        float(t["target_residual_var"].reshape(-1)[0]), direction)
 
     @property
     def weight_dtype(self) -> str:

@@ -32,6 +32,7 @@ def make_tiny_bundle(folder: str | Path, *, subjects: Sequence[int] = (1,), n_vo
     from .features.clip import ClipFeatureExtractor
     from .features.vdvae import VDVAE, VDVAEConfig, save_vdvae
     from .ridge import fit_ridge
+    from .target_axes import principal_axes
     from .tiny_models import make_tiny_vd
 
     folder = Path(folder)
@@ -61,6 +62,8 @@ def make_tiny_bundle(folder: str | Path, *, subjects: Sequence[int] = (1,), n_vo
             w = rng.standard_normal((n_vox, n_targets)).astype(np.float32) / np.sqrt(n_vox)
             y = x @ w + 0.1 * rng.standard_normal((n_train, n_targets)).astype(np.float32)
             decoders[name] = fit_ridge(x, y, alpha=PAPER.ridge_alpha(name) / 1e4, backend="numpy")
+            decoders[name].add_target_axes(*principal_axes(lambda a, b, _y=y: _y[:, a:b], n_train, n_targets,
+                                                           y.mean(0)))
             norms[name] = float(np.linalg.norm(y, axis=1).mean())
         entries[int(subject)] = SubjectDecoders(n_voxels=n_vox, mask_sha256=f"tiny-{subject}", decoders=decoders,
                                                 train_feature_norm=norms)

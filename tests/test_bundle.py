@@ -33,7 +33,7 @@ def test_round_trip_manifest_and_lazy_decoders(rng, tmp_path):
     assert b.subject_info(2)["n_voxels"] == 9 and b.subject_info(2)["n_train"] == 20
     assert b.train_feature_norm(1, "vdvae") == 2.5
     m = b.manifest
-    assert m["format_version"] == 2 and "torch" in m["packages"] and m["subjects"]["1"]["decoders"]["vdvae"]["alpha"] == 3.0
+    assert m["format_version"] == 3 and "torch" in m["packages"] and m["subjects"]["1"]["decoders"]["vdvae"]["alpha"] == 3.0
     assert set(m["files"]) == {"models/w.bin", "subj01_vdvae.safetensors", "subj01_clip_text.safetensors",
                                "subj02_vdvae.safetensors", "subj02_clip_text.safetensors"}
     assert b.models["vdvae"]["path"] == str((out / "models/w.bin").resolve())

@@ -84,18 +84,18 @@ def _expected_roi_features(decoder, pattern, norm=None):
     return intercept + norm * drive / np.linalg.norm(drive)
 
 
-def test_pattern_features_scale_only_the_pattern_driven_part(tiny):
+def test_pattern_features_train_scale_sets_only_the_pattern_driven_part(tiny):
     patterns = {s: np.zeros(tiny.bundle.subject_info(s)["n_voxels"], np.float32) for s in (1, 2)}
     for s in patterns:
         patterns[s][:10] = 1.0
     per_subject = {}
     for s in (1, 2):
-        got = tiny.pattern_features({s: patterns[s]})
+        got = tiny.pattern_features({s: patterns[s]}, scale="train")
         for name, feat in got.items():
             want = _expected_roi_features(tiny.bundle.decoder(s, name), patterns[s])
             np.testing.assert_allclose(feat.reshape(-1), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
         per_subject[s] = got
-    both = tiny.pattern_features(patterns)                             # the subject average
+    both = tiny.pattern_features(patterns, scale="train")              # the subject average
     for name in both:
         np.testing.assert_allclose(both[name], (per_subject[1][name] + per_subject[2][name]) / 2,
                                    rtol=1e-5, atol=1e-6)
@@ -106,6 +106,65 @@ def test_pattern_features_scale_only_the_pattern_driven_part(tiny):
     recs = tiny.reconstruct_pattern(patterns, name="V1", n_seeds=2, **FAST)
     assert len(recs) == 2 and recs[0].seed != recs[1].seed
     assert recs[0].seed == seed_for("pattern", "V1", 0)
+
+
+def test_pattern_features_default_quantile_scale_against_the_training_targets(tiny, tmp_path):
+    """The default ROI-optimal rule: intercept + u * z * sd, with u the pattern-driven direction and sd the
+    training targets' standard deviation along it, computed here from the targets themselves (each subject and
+    the subject average); the decoders were fitted through the real fit path, which keeps principal axes."""
+    from statistics import NormalDist
+
+    from brain_diffuser_core.bundle import SubjectDecoders, save_bundle
+    from brain_diffuser_core.cli.fit import fit_decoders
+    from brain_diffuser_core.config import FEATURE_NAMES, ROI_PATTERN_QUANTILE
+
+    rng = np.random.default_rng(5)
+    shapes = {name: tiny.bundle.feature_shape(name) for name in FEATURE_NAMES}
+    entries, targets = {}, {}
+    for s in (1, 2):
+        n_vox = tiny.bundle.subject_info(s)["n_voxels"]
+        x = rng.standard_normal((60, n_vox)).astype(np.float32)
+        feats = {}
+        for name, shape in shapes.items():
+            mix = rng.standard_normal((8, int(np.prod(shape))))  # correlated features: 8 latent factors + noise
+            y = (x[:, :8] + 0.3 * rng.standard_normal((60, 8))) @ mix + 0.1 * rng.standard_normal((60, mix.shape[1]))
+            targets[(s, name)] = y.astype(np.float32)
+            feats[name] = targets[(s, name)].reshape((60,) + shape)
+        decoders, norms, _ = fit_decoders(x, feats, alphas={name: 10.0 for name in shapes})
+        assert all(d.has_target_axes for d in decoders.values())
+        entries[s] = SubjectDecoders(n_voxels=n_vox, mask_sha256=f"q{s}", decoders=decoders, train_feature_norm=norms)
+    bd = BrainDiffuser(save_bundle(tmp_path / "b", entries, feature_shapes=shapes, models=tiny.bundle.models),
+                       models=tiny.models)
+    z = NormalDist().inv_cdf(ROI_PATTERN_QUANTILE)
+    patterns = {s: np.zeros(bd.bundle.subject_info(s)["n_voxels"], np.float32) for s in (1, 2)}
+    for s in patterns:
+        patterns[s][3:15] = 1.0
+    per_subject = {}
+    for s in (1, 2):
+        got = bd.pattern_features({s: patterns[s]})
+        for name in shapes:
+            dec = bd.bundle.decoder(s, name)
+            drive = patterns[s].astype(np.float64) @ dec.dense_weight().double().numpy()
+            u = drive / np.linalg.norm(drive)
+            y = targets[(s, name)].astype(np.float64)
+            sd = float(((y - y.mean(0)) @ u).std())
+            want = _intercept(dec) + z * sd * u
+            np.testing.assert_allclose(got[name].reshape(-1), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+        per_subject[s] = got
+    both = bd.pattern_features(patterns)
+    for name in both:
+        np.testing.assert_allclose(both[name], (per_subject[1][name] + per_subject[2][name]) / 2, rtol=1e-5,
+                                   atol=1e-6)
+    # a decoder fitted before bundle format 3 (no axes) falls back to the RMS-norm rule, saying so
+    old = tiny.bundle.decoder(1, "clip_text")
+    saved = {k: old.tensors.pop(k) for k in ("target_axes", "target_axes_var", "target_residual_var")}
+    try:
+        from brain_diffuser_core.pipeline import pattern_driven_features
+
+        p = patterns[1][None, :old.n_features]
+        np.testing.assert_allclose(pattern_driven_features(old, p), pattern_driven_features(old, p, scale="train"))
+    finally:
+        old.tensors.update(saved)
 
 
 def test_pattern_features_paper_scale_uses_the_original_constants(tiny):

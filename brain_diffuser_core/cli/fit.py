@@ -117,6 +117,8 @@ def fit_decoders(
 def _fit_sources(fact, sources: dict, alphas: dict, n: int, rank, dtype, loo_stats, n_targets_batch, progress,
                  form="auto"):
     from ..ridge import fit_ridge
+    from ..seeding import seed_for
+    from ..target_axes import principal_axes
 
     decoders, norms, shapes = {}, {}, {}
     for name, (shape, src) in sources.items():
@@ -146,6 +148,10 @@ def _fit_sources(fact, sources: dict, alphas: dict, n: int, rank, dtype, loo_sta
             decoders[name] = fit_ridge(fact, Y, alphas[name], n_targets=src.n_targets, rank=rank, dtype=dtype,
                                        loo_stats=loo_stats, n_targets_batch=n_targets_batch, progress=report,
                                        form=form)
+            # how far training features spread along any direction (the ROI-optimal features' scale)
+            decoders[name].add_target_axes(*principal_axes(
+                Y, n, src.n_targets, decoders[name].tensors["y_mean"].numpy(), n_targets_batch=n_targets_batch,
+                seed=seed_for("target-axes", name)))
         finally:
             if bar is not None:
                 bar.close()

@@ -95,7 +95,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: bump when the bundle's recipe changes (alpha grid, extraction settings, ...): cached bundles are rebuilt
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2  # 2: decoders carry their training targets' principal axes (bundle format 3)
 #: the trained demo models shipped with the repository
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo" / "models"
 VDVAE_FILE = "vdvae.safetensors"
