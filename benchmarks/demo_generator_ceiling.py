@@ -9,6 +9,7 @@ of the same images, scored in one run by:
   printed for the originals too (stage 1 should stay within 1.5x of theirs).
 
     python benchmarks/demo_generator_ceiling.py [--subjects 1,2,5,7] [--n 120] [--threads 1] [--cache-dir DIR]
+        [--models-dir DIR]
         [--sheet trials.png]
 
 It also prints the Category score per original category (which categories the generator cannot draw), and
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=120, help="test images (default: all 120 of the default world)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--models-dir", default=None,
+                    help="demo models to measure (default: assets/demo/models), e.g. a `world train --out` folder")
     ap.add_argument("--sheet", default=None, metavar="PNG",
                     help="write 16 test trials of the first subject: original | stage 1 | final | TRUE-feature final")
     args = ap.parse_args()
@@ -65,7 +68,7 @@ def main() -> None:
     from brain_diffuser_core.world.measures import hf_energy_fraction
 
     cache = cache_root() if args.cache_dir is None else args.cache_dir
-    bundle = ensure_demo_bundle(cache)
+    bundle = ensure_demo_bundle(cache, models_dir=args.models_dir)
     world = ensure_world(cache)
     diffuser = BrainDiffuser(bundle, device="cpu")
     subjects = [int(s) for s in args.subjects.split(",")]
@@ -97,7 +100,8 @@ def main() -> None:
 
     rows = {"originals": {"Category": float(judge(truths, ids).mean()),
                           "HF": float(np.mean(hf_energy_fraction(truths)))}}
-    rows["originals through the VAE (encode + decode)"] = score(_vae_round_trip(truths), "VAE round trip")
+    rows["originals through the VAE (encode + decode)"] = score(_vae_round_trip(truths, args.models_dir),
+                                                                "VAE round trip")
     t0 = time.perf_counter()
     true_feats = {f: store.get(f, ids).reshape((n,) + diffuser.bundle.feature_shape(f)) for f in FEATURE_NAMES}
     true_images = _generate(diffuser, true_feats, ids, seeds)
@@ -139,7 +143,7 @@ def main() -> None:
           f"(TRUE) and {rows[f'decoded, subj {subjects[0]}, stage1']['HF'] / rows['originals']['HF']:.2f} (decoded)")
 
 
-def _vae_round_trip(images):
+def _vae_round_trip(images, models_dir=None):
     """uint8 (n, H, W, 3) -> the demo VAE's reconstruction of each (posterior mean), uint8, same shape."""
     import torch
     from diffusers import AutoencoderKL
@@ -147,7 +151,8 @@ def _vae_round_trip(images):
     from brain_diffuser_core.world.demo import DEFAULT_MODELS_DIR
     from brain_diffuser_core.world.train import _resize, to_uint8
 
-    vae = AutoencoderKL.from_pretrained(DEFAULT_MODELS_DIR / "versatile-diffusion", subfolder="vae").eval()
+    models = DEFAULT_MODELS_DIR if models_dir is None else Path(models_dir)
+    vae = AutoencoderKL.from_pretrained(models / "versatile-diffusion", subfolder="vae").eval()
     x = _resize(images, int(vae.config.sample_size))
     with torch.no_grad():
         return np.concatenate([to_uint8(vae.decode(vae.encode(x[s:s + 32]).latent_dist.mean).sample)
