@@ -1,8 +1,8 @@
 """ROI designer: build a synthetic fMRI pattern from ROI weights (or upload one) and see the scenes it evokes.
 
 The paper's ROI-optimal scenes: a pattern of weight w inside each chosen ROI and 0 elsewhere (not z-scored)
-goes through the decoders; the pattern-driven part of the predicted features is set to the size of a typical
-training image's deviation from the mean (the intercept is kept) and, for the subject average, averaged over
+goes through the decoders; the pattern-driven part of the predicted features goes along its direction as far
+as the top 1% of training images do (the intercept is kept) and, for the subject average, is averaged over
 subjects (``BrainDiffuser.reconstruct_pattern``). A button makes the paper's whole ROI figure.
 """
 from __future__ import annotations
