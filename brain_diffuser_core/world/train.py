@@ -420,6 +420,8 @@ class _DualUNet(torch.nn.Module):
         default the inference mix."""
         from diffusers.models import DualTransformer2DModel
 
+        from ..diffusion import set_dual_guidance
+
         if text_weight is not None:
             mix = text_weight.to(latents).view(-1, 1, 1, 1)
             for module in self.image_unet.modules():
@@ -428,8 +430,8 @@ class _DualUNet(torch.nn.Module):
         try:
             return self.image_unet(latents, t, encoder_hidden_states=condition).sample
         finally:
-            if text_weight is not None:
-                self.dual()  # back to the scalar inference mix
+            if text_weight is not None:  # back to the scalar inference mix (the blocks are dual already)
+                set_dual_guidance(self.image_unet, PAPER.stage2.vision_mix)
 
 
 def train_unet(latent_mean: torch.Tensor, latent_std: torch.Tensor, text: np.ndarray, vision: np.ndarray,

@@ -23,10 +23,6 @@ from ..seeding import seed_for
 from .measures import as_uint8_batch, to_world_size
 from .scenes import CATEGORIES, IMAGE_SIZE, Scene
 
-#: the observer channels (the first ones: three contrast bands and saturation) a cell descriptor takes; the
-#: opponent colour channels are linear in the cell's RGB means, which the descriptor holds already
-_CONTRAST_CHANNELS = 4
-
 __all__ = [
     "CATEGORY_ROIS",
     "JUDGES",
@@ -87,10 +83,13 @@ class CoverageModel:
     def descriptors(images: np.ndarray, low: np.ndarray | None = None) -> np.ndarray:
         """float32 (n * GRID * GRID, D) cell descriptors of uint8 (n, 64, 64, 3) images; ``low``: their
         :func:`~.observer.scene_features` when already computed (only the contrast channels are used)."""
-        from .channels import GRID, scene_features
+        from .channels import CHANNELS, GRID, OPPONENT_CHANNELS, scene_features
 
         imgs = to_world_size(images)
-        low = (scene_features(_pixel_scenes(imgs)) if low is None else low)[:, :_CONTRAST_CHANNELS]
+        # only the channels before the opponent colour ones (three contrast bands and saturation): those are
+        # linear in the cell's RGB means, which the descriptor holds already
+        n_contrast = CHANNELS.index(OPPONENT_CHANNELS[0])
+        low = (scene_features(_pixel_scenes(imgs)) if low is None else low)[:, :n_contrast]
         n = len(imgs)
         cell = IMAGE_SIZE // GRID
         rgb = imgs.astype(np.float32).reshape(n, GRID, cell, GRID, cell, 3).mean(axis=(2, 4)) / 255.0
